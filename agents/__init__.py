@@ -1,0 +1,1 @@
+"""Agents acting in environments (installed as ``trajgen.agents``)."""

@@ -1,0 +1,132 @@
+"""DPM-Solver (Lu et al. 2022) and DPM-Solver++ (Lu et al. 2022b), written against lambda = log(alpha/sigma).
+
+h = lambda_t - lambda_s; ``phi_1 = expm1(-h)`` for data prediction, ``expm1(h)`` for noise prediction, as
+in DPM-Solver's reference code. A step that touches lambda = +-inf (flow schedules at t = 1 or t = 0, or
+sampling to sigma = 0) is taken at first order, its exact limit there.
+"""
+
+from __future__ import annotations
+
+import math
+
+from trajgen.solvers.plan import X, Z, Lin, PlanBuilder, Point
+from trajgen.solvers.registry import register
+
+
+def _require_finite(b: PlanBuilder, s: Point, t: Point) -> float:
+    h = t.lam - s.lam
+    if not math.isfinite(h):
+        raise ValueError(f"solver {b.solver!r} works in noise prediction and needs 0 < alpha, sigma at every "
+                         f"grid time; t={s.t:g} -> {t.t:g} touches alpha = 0 or sigma = 0 on "
+                         f"{b.schedule!r}: move t_start/t_end inside (0, 1) or use dpmsolver++ / unipc")
+    return h
+
+
+def auto_lower_order_final(b: PlanBuilder, lower_order_final: bool | None) -> bool:
+    """diffusers' rule: lower the order of the last steps only for short runs (< 15 steps)."""
+    return b.num_steps < 15 if lower_order_final is None else lower_order_final
+
+
+def multistep_order(b: PlanBuilder, i: int, order: int, lower_order_final: bool) -> int:
+    """Order of multistep step i: warm up from 1, optionally lower at the end, 1 when h is infinite."""
+    k = min(order, i + 1)
+    if lower_order_final:
+        k = min(k, b.num_steps - i)
+    s, t = b.points[i], b.points[i + 1]
+    if not math.isfinite(t.lam - s.lam):
+        k = 1
+    return k
+
+
+@register("dpmsolver", orders=(1, 2, 3), default_order=3)
+def dpm_solver_singlestep(b: PlanBuilder, order: int) -> None:
+    """DPM-Solver-1/2/3, singlestep, noise prediction (r1 = 1/2 for order 2; r1, r2 = 1/3, 2/3 for 3)."""
+    for s, t in zip(b.points[:-1], b.points[1:]):
+        h = _require_finite(b, s, t)
+        eps_s = b.evaluate(s, X, "eps")
+        x_t = (t.alpha / s.alpha) * X - (t.sigma * math.expm1(h)) * eps_s
+        if order == 2:
+            r1 = 0.5
+            s1 = b.point_at_lambda(s.lam + r1 * h)
+            u1 = (s1.alpha / s.alpha) * X - (s1.sigma * math.expm1(r1 * h)) * eps_s
+            eps_s1 = b.evaluate(s1, u1, "eps")
+            x_t = x_t - (0.5 / r1) * (t.sigma * math.expm1(h)) * (eps_s1 - eps_s)
+        elif order == 3:
+            r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+            s1, s2 = b.point_at_lambda(s.lam + r1 * h), b.point_at_lambda(s.lam + r2 * h)
+            phi_11, phi_12 = math.expm1(r1 * h), math.expm1(r2 * h)
+            phi_22 = math.expm1(r2 * h) / (r2 * h) - 1.0
+            phi_1 = math.expm1(h)
+            phi_2 = phi_1 / h - 1.0
+            u1 = (s1.alpha / s.alpha) * X - (s1.sigma * phi_11) * eps_s
+            eps_s1 = b.evaluate(s1, u1, "eps")
+            u2 = ((s2.alpha / s.alpha) * X - (s2.sigma * phi_12) * eps_s
+                  - (r2 / r1) * (s2.sigma * phi_22) * (eps_s1 - eps_s))
+            eps_s2 = b.evaluate(s2, u2, "eps")
+            x_t = (t.alpha / s.alpha) * X - (t.sigma * phi_1) * eps_s - (1.0 / r2) * (t.sigma * phi_2) * (eps_s2 - eps_s)
+        b.step(x_t, t.t)
+
+
+@register("dpmsolver++", orders=(1, 2, 3), default_order=2, lower_order_final=None)
+def dpm_solver_pp_multistep(b: PlanBuilder, order: int, lower_order_final: bool | None) -> None:
+    """DPM-Solver++(1M/2M/3M): multistep, data prediction; ``lower_order_final`` defaults to steps < 15."""
+    lower_final = auto_lower_order_final(b, lower_order_final)
+    P = b.points
+    D: list[Lin] = []
+    for i in range(b.num_steps):
+        s, t = P[i], P[i + 1]
+        D.append(b.evaluate(s, X, "x0"))
+        k = multistep_order(b, i, order, lower_final)
+        h = t.lam - s.lam
+        phi_1 = math.expm1(-h)
+        x_t = (t.sigma / s.sigma) * X - (t.alpha * phi_1) * D[-1]
+        if k >= 2:
+            r0 = (s.lam - P[i - 1].lam) / h
+            D1_0 = (D[-1] - D[-2]) / r0
+            if k == 2:
+                x_t = x_t - 0.5 * (t.alpha * phi_1) * D1_0
+            else:
+                r1 = (P[i - 1].lam - P[i - 2].lam) / h
+                D1_1 = (D[-2] - D[-3]) / r1
+                D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+                D2 = (D1_0 - D1_1) / (r0 + r1)
+                phi_2 = phi_1 / h + 1.0
+                phi_3 = phi_2 / h - 0.5
+                x_t = x_t + (t.alpha * phi_2) * D1 - (t.alpha * phi_3) * D2
+        b.step(x_t, t.t)
+
+
+@register("dpmsolver++-2s", orders=(1, 2), default_order=2)
+def dpm_solver_pp_2s(b: PlanBuilder, order: int) -> None:
+    """DPM-Solver++(2S): singlestep second order, data prediction, r1 = 1/2."""
+    r1 = 0.5
+    for s, t in zip(b.points[:-1], b.points[1:]):
+        h = t.lam - s.lam
+        phi_1 = math.expm1(-h)
+        D_s = b.evaluate(s, X, "x0")
+        x_t = (t.sigma / s.sigma) * X - (t.alpha * phi_1) * D_s
+        if order == 2 and math.isfinite(h):
+            s1 = b.point_at_lambda(s.lam + r1 * h)
+            u1 = (s1.sigma / s.sigma) * X - (s1.alpha * math.expm1(-r1 * h)) * D_s
+            D_s1 = b.evaluate(s1, u1, "x0")
+            x_t = x_t - (0.5 / r1) * (t.alpha * phi_1) * (D_s1 - D_s)
+        b.step(x_t, t.t)
+
+
+@register("sde-dpmsolver++", orders=(1, 2), default_order=2, stochastic=True, lower_order_final=None)
+def sde_dpm_solver_pp(b: PlanBuilder, order: int, lower_order_final: bool | None) -> None:
+    """SDE-DPM-Solver++(1M/2M) (midpoint form, as diffusers): data prediction with fresh noise each step."""
+    lower_final = auto_lower_order_final(b, lower_order_final)
+    P = b.points
+    D: list[Lin] = []
+    for i in range(b.num_steps):
+        s, t = P[i], P[i + 1]
+        D.append(b.evaluate(s, X, "x0"))
+        k = multistep_order(b, i, order, lower_final)
+        h = t.lam - s.lam
+        keep = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+        x_t = (t.sigma / s.sigma * math.exp(-h)) * X + (t.alpha * keep) * D[-1] + (t.sigma * math.sqrt(keep)) * Z
+        if k == 2:
+            r0 = (s.lam - P[i - 1].lam) / h
+            x_t = x_t + 0.5 * (t.alpha * keep) * ((D[-1] - D[-2]) / r0)
+        b.step(x_t, t.t)

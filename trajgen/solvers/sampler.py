@@ -1,0 +1,245 @@
+"""The one sampling entry point: integrate from (x, t_start) to t_end with a registered solver."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from trajgen.diffusion.predictions import check_prediction
+from trajgen.diffusion.schedules import Schedule
+from trajgen.solvers.grids import make_grid
+from trajgen.solvers.plan import FIRST_EVAL_REG, S_REG, X, X_REG, Z_REG, PlanBuilder, Step, combine
+from trajgen.solvers.registry import build_plan, get_solver
+
+Model = Callable[..., Tensor]
+NoiseFn = Callable[[Tensor], Tensor]
+Constraint = Callable[[Tensor, Tensor], Tensor]
+
+
+class Sampler:
+    """A solver compiled for one schedule, grid and prediction type; call it as ``sampler(model, x)``.
+
+    Every per-step coefficient is computed once here (float64), so a call costs the network evaluations
+    plus a few fused tensor ops per step. ``sampler.nfe`` is the number of network calls.
+
+    Args:
+        schedule: the noise schedule the model was trained with.
+        solver: a name in ``trajgen.solvers.SOLVERS`` (``'dpmsolver++'``, ``'unipc'``, ``'ddim'``, ...).
+        steps: number of grid intervals (>= 1). Singlestep solvers use ``order`` calls per interval.
+        prediction: what the model outputs: 'eps', 'x0', 'v' or 'flow'.
+        t_start: time of the state passed in (1.0 = pure noise; < 1 for truncated sampling).
+        t_end: where to stop (default ``schedule.t_end_default``).
+        order: solver order (default: the solver's recommended order).
+        grid: 'time', 'logsnr', 'time-quadratic', 'karras', 'discrete' (default ``schedule.default_grid``).
+        timesteps: an explicit decreasing tensor of times (overrides grid, steps, t_start, t_end).
+        rho: the Karras grid's rho.
+        final_denoise: after reaching t_end, return the model's x0 prediction there (one more call).
+        **options: solver options (``eta`` for ddim, ``churn`` for euler/heun, ``variant`` for unipc, ...).
+    """
+
+    def __init__(self, schedule: Schedule, solver: str = "dpmsolver++", steps: int = 10, prediction: str = "eps",
+                 *, t_start: float = 1.0, t_end: float | None = None, order: int | None = None,
+                 grid: str | None = None, timesteps: Tensor | None = None, rho: float = 7.0,
+                 final_denoise: bool = False, **options: Any) -> None:
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a trajgen.diffusion.Schedule, got {type(schedule).__name__}")
+        spec = get_solver(solver)
+        self.prediction = check_prediction(prediction)
+        if timesteps is None:
+            t_end = schedule.t_end_default if t_end is None else float(t_end)
+            t_start = float(t_start)
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+            if not 0.0 <= t_end < t_start <= 1.0:
+                raise ValueError(f"need 0 <= t_end < t_start <= 1, got t_start={t_start}, t_end={t_end}")
+        times = make_grid(schedule, grid or schedule.default_grid if timesteps is None else timesteps,
+                          steps, t_start, t_end or 0.0, rho)
+        builder = PlanBuilder(schedule, self.prediction, times, solver)
+        self.order = build_plan(spec, builder, order, options)
+        if final_denoise:
+            builder.step(builder.evaluate(builder.points[-1], X, "x0"), builder.times[-1])
+        self.schedule, self.solver, self.options = schedule, solver, options
+        self.times = times
+        self.t_start, self.t_end = float(times[0]), float(times[-1])
+        self.steps = len(times) - 1
+        self.nfe = builder.nfe
+        self.stochastic = any(step.needs_noise for step in builder.steps)
+        self.plan: tuple[Step, ...] = tuple(builder.steps)
+        self._eval_times = [ev.t for step in self.plan for ev in step.evaluations]
+        self._free_after = _registers_to_free(self.plan)
+        self._time_cache: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+
+    def __repr__(self) -> str:
+        return (f"Sampler(solver={self.solver!r}, order={self.order}, steps={self.steps}, nfe={self.nfe}, "
+                f"t_start={self.t_start:g}, t_end={self.t_end:g}, prediction={self.prediction!r}, "
+                f"schedule={self.schedule!r})")
+
+    def __call__(self, model: Model, x: Tensor, *, noise: NoiseFn | None = None,
+                 constraint: Constraint | None = None, generator: torch.Generator | None = None,
+                 return_trajectory: bool = False, validate: bool = True, **cond: Any) -> Tensor | tuple[Tensor, Tensor]:
+        """Integrate ``x`` [B, ...] from t_start to t_end.
+
+        Args:
+            model: ``model(x_t, t, **cond) -> Tensor`` shaped like x_t; t is a float tensor [B].
+            x: the state at t_start, [B, ...] (float32 or float64; for t_start = 1 use
+               ``schedule.prior_noise(shape)``).
+            noise: draws fresh noise shaped like its argument (stochastic solvers); default Gaussian.
+            constraint: ``constraint(x, t) -> x`` applied after every step (inpainting, projections).
+            generator: random generator for the default noise.
+            return_trajectory: also return the states after every step, [steps + 1, B, ...].
+            validate: check the model output's shape and finiteness at every call.
+        Returns:
+            the state at t_end [B, ...] (and the trajectory when asked).
+        """
+        self._check_input(x, validate)
+        noise_fn = noise or _gaussian(generator)
+        trajectory = [x] if return_trajectory else None
+        out = self._run(model, x, noise_fn, constraint, cond, validate, trajectory)
+        if trajectory is not None:
+            return out, torch.stack(trajectory)
+        return out
+
+    def _run(self, model: Model, x: Tensor, noise_fn: NoiseFn, constraint: Constraint | None,
+             cond: dict[str, Any], validate: bool, trajectory: list[Tensor] | None) -> Tensor:
+        eval_times, step_times = self._times_for(x)
+        registers: list[Tensor | None] = [x, None, None] + [None] * self.nfe
+        k = 0
+        for i, step in enumerate(self.plan):
+            if step.needs_noise:
+                registers[Z_REG] = noise_fn(registers[X_REG])
+            for ev in step.evaluations:
+                u = combine(ev.inputs, registers)
+                out = model(u, eval_times[k], **cond)
+                if validate:
+                    _check_output(out, u, ev.t)
+                if ev.k_x == 0.0:
+                    registers[FIRST_EVAL_REG + k] = out if ev.k_p == 1.0 else out * ev.k_p
+                else:
+                    registers[FIRST_EVAL_REG + k] = torch.add(u * ev.k_x, out, alpha=ev.k_p)
+                k += 1
+            if step.save is not None:
+                registers[S_REG] = combine(step.save, registers)
+            x = combine(step.out, registers)
+            if constraint is not None:
+                x = constraint(x, step_times[i])
+            registers[X_REG] = x
+            for reg in self._free_after[i]:
+                registers[reg] = None
+            if trajectory is not None:
+                trajectory.append(x)
+        return x
+
+    def _times_for(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        key = (x.shape[0], x.dtype, x.device)
+        if key not in self._time_cache:
+            def full(t: float) -> Tensor:
+                return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+            self._time_cache[key] = ([full(t) for t in self._eval_times], [full(s.t_next) for s in self.plan])
+        return self._time_cache[key]
+
+    @staticmethod
+    def _check_input(x: Tensor, validate: bool) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor [B, ...], got {type(x).__name__}")
+        if not x.is_floating_point() or x.ndim < 1:
+            raise ValueError(f"x must be a floating-point tensor [B, ...], got dtype={x.dtype}, shape={tuple(x.shape)}")
+        if validate and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf")
+
+    def cuda_graph(self, model: Model, x: Tensor, *, noise: NoiseFn | None = None,
+                   constraint: Constraint | None = None, warmup: int = 2, **cond: Any) -> "GraphedSampler":
+        """Capture the whole sampling loop, network included, in a CUDA graph for inputs shaped like ``x``.
+
+        The returned callable copies new inputs into static buffers and replays the graph: one launch per
+        call. Stochastic solvers draw noise from the default CUDA generator (graph-safe); a custom
+        ``noise`` callable is captured as it is. ``cond`` tensors are static inputs too.
+        """
+        return GraphedSampler(self, model, x, noise=noise, constraint=constraint, warmup=warmup, **cond)
+
+
+class GraphedSampler:
+    """A :class:`Sampler` loop captured in a CUDA graph; call ``graphed(x, **cond)`` with same-shaped tensors."""
+
+    def __init__(self, sampler: Sampler, model: Model, x: Tensor, *, noise: NoiseFn | None,
+                 constraint: Constraint | None, warmup: int, **cond: Any) -> None:
+        if x.device.type != "cuda":
+            raise ValueError(f"cuda_graph needs x on a CUDA device, got {x.device}")
+        sampler._check_input(x, True)
+        self.static_x = x.clone()
+        self.static_cond = {k: v.clone() if isinstance(v, Tensor) else v for k, v in cond.items()}
+        noise_fn = noise or (lambda ref: torch.randn_like(ref))
+        run = lambda: sampler._run(model, self.static_x, noise_fn, constraint, self.static_cond, False, None)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_out = run()
+
+    def __call__(self, x: Tensor, **cond: Any) -> Tensor:
+        """Replay on new inputs (same shapes/dtypes as at capture); returns a fresh tensor [B, ...]."""
+        if x.shape != self.static_x.shape:
+            raise ValueError(f"x has shape {tuple(x.shape)}, the graph was captured for {tuple(self.static_x.shape)}")
+        self.static_x.copy_(x)
+        for key, value in cond.items():
+            if key not in self.static_cond:
+                raise ValueError(f"condition {key!r} was not given at capture time")
+            if isinstance(value, Tensor):
+                self.static_cond[key].copy_(value)
+        self.graph.replay()
+        return self.static_out.clone()
+
+
+def sample(model: Model, x: Tensor, *, schedule: Schedule, solver: str = "dpmsolver++", steps: int = 10,
+           prediction: str = "eps", t_start: float = 1.0, t_end: float | None = None, order: int | None = None,
+           grid: str | None = None, timesteps: Tensor | None = None, noise: NoiseFn | None = None,
+           constraint: Constraint | None = None, generator: torch.Generator | None = None,
+           return_trajectory: bool = False, final_denoise: bool = False, validate: bool = True,
+           solver_options: dict[str, Any] | None = None, **cond: Any) -> Tensor | tuple[Tensor, Tensor]:
+    """Integrate ``x`` [B, ...] from ``t_start`` to ``t_end`` with ``solver``; returns the state at t_end.
+
+    A one-shot form of :class:`Sampler` (see it for every argument); ``solver_options`` holds the solver's
+    own options (e.g. ``{'eta': 1.0}``) and extra keywords go to the model as conditions. Build a
+    :class:`Sampler` once instead when sampling repeatedly (control loops).
+    """
+    sampler = Sampler(schedule, solver, steps, prediction, t_start=t_start, t_end=t_end, order=order, grid=grid,
+                      timesteps=timesteps, final_denoise=final_denoise, **(solver_options or {}))
+    return sampler(model, x, noise=noise, constraint=constraint, generator=generator,
+                   return_trajectory=return_trajectory, validate=validate, **cond)
+
+
+def _gaussian(generator: torch.Generator | None) -> NoiseFn:
+    return lambda ref: torch.randn(ref.shape, generator=generator, dtype=ref.dtype, device=ref.device)
+
+
+def _check_output(out: Tensor, x_t: Tensor, t: float) -> None:
+    if not isinstance(out, Tensor) or out.shape != x_t.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"model output has shape {shape} at t={t:g}; expected {tuple(x_t.shape)} (the shape of x)")
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"model output contains NaN or inf at t={t:g}")
+
+
+def _registers_to_free(plan: tuple[Step, ...]) -> list[list[int]]:
+    """For each step, the evaluation registers no later step reads (so their memory can go)."""
+    last_use: dict[int, int] = {}
+    k = FIRST_EVAL_REG
+    for i, step in enumerate(plan):
+        combos = [ev.inputs for ev in step.evaluations] + [step.out] + ([step.save] if step.save else [])
+        for _ in step.evaluations:
+            last_use.setdefault(k, i)
+            k += 1
+        for combo in combos:
+            for reg, _ in combo:
+                if reg >= FIRST_EVAL_REG:
+                    last_use[reg] = max(last_use.get(reg, i), i)
+    free: list[list[int]] = [[] for _ in plan]
+    for reg, i in last_use.items():
+        free[i].append(reg)
+    return free
