@@ -34,7 +34,9 @@ def multistep_order(b: PlanBuilder, i: int, order: int, lower_order_final: bool)
         k = min(k, b.num_steps - i)
     s, t = b.points[i], b.points[i + 1]
     if not math.isfinite(t.lam - s.lam):
-        k = 1
+        return 1
+    while k > 1 and not math.isfinite(b.points[i - k + 1].lam):  # history must have finite log-SNR
+        k -= 1
     return k
 
 
@@ -67,9 +69,16 @@ def dpm_solver_singlestep(b: PlanBuilder, order: int) -> None:
         b.step(x_t, t.t)
 
 
-@register("dpmsolver++", orders=(1, 2, 3), default_order=2, lower_order_final=None)
-def dpm_solver_pp_multistep(b: PlanBuilder, order: int, lower_order_final: bool | None) -> None:
-    """DPM-Solver++(1M/2M/3M): multistep, data prediction; ``lower_order_final`` defaults to steps < 15."""
+@register("dpmsolver++", orders=(1, 2, 3), default_order=2, lower_order_final=None, warmup="lower-order")
+def dpm_solver_pp_multistep(b: PlanBuilder, order: int, lower_order_final: bool | None, warmup: str) -> None:
+    """DPM-Solver++(1M/2M/3M): multistep, data prediction; ``lower_order_final`` defaults to steps < 15.
+
+    ``warmup='lower-order'`` (the reference code's choice, NFE = steps) starts 3M with a first-order step,
+    whose O(h^2) local error caps the asymptotic global order at 2; ``warmup='singlestep'`` takes that
+    first step with DPM-Solver++(2S) instead (one more call) so 3M keeps global order 3.
+    """
+    if warmup not in ("lower-order", "singlestep"):
+        raise ValueError(f"warmup={warmup!r}; expected 'lower-order' or 'singlestep'")
     lower_final = auto_lower_order_final(b, lower_order_final)
     P = b.points
     D: list[Lin] = []
@@ -77,6 +86,9 @@ def dpm_solver_pp_multistep(b: PlanBuilder, order: int, lower_order_final: bool 
         s, t = P[i], P[i + 1]
         D.append(b.evaluate(s, X, "x0"))
         k = multistep_order(b, i, order, lower_final)
+        if i == 0 and order == 3 and warmup == "singlestep" and math.isfinite(t.lam - s.lam):
+            b.step(_dpm_solver_pp_2s_step(b, s, t, D[-1]), t.t)
+            continue
         h = t.lam - s.lam
         phi_1 = math.expm1(-h)
         x_t = (t.sigma / s.sigma) * X - (t.alpha * phi_1) * D[-1]
@@ -96,21 +108,25 @@ def dpm_solver_pp_multistep(b: PlanBuilder, order: int, lower_order_final: bool 
         b.step(x_t, t.t)
 
 
+def _dpm_solver_pp_2s_step(b: PlanBuilder, s: Point, t: Point, D_s: Lin, r1: float = 0.5) -> Lin:
+    """One DPM-Solver++(2S) step from s to t given D_s = x0_hat(x_s): one more call at lambda_s + r1 h."""
+    h = t.lam - s.lam
+    phi_1 = math.expm1(-h)
+    s1 = b.point_at_lambda(s.lam + r1 * h)
+    u1 = (s1.sigma / s.sigma) * X - (s1.alpha * math.expm1(-r1 * h)) * D_s
+    D_s1 = b.evaluate(s1, u1, "x0")
+    return (t.sigma / s.sigma) * X - (t.alpha * phi_1) * D_s - (0.5 / r1) * (t.alpha * phi_1) * (D_s1 - D_s)
+
+
 @register("dpmsolver++-2s", orders=(1, 2), default_order=2)
 def dpm_solver_pp_2s(b: PlanBuilder, order: int) -> None:
     """DPM-Solver++(2S): singlestep second order, data prediction, r1 = 1/2."""
-    r1 = 0.5
     for s, t in zip(b.points[:-1], b.points[1:]):
-        h = t.lam - s.lam
-        phi_1 = math.expm1(-h)
         D_s = b.evaluate(s, X, "x0")
-        x_t = (t.sigma / s.sigma) * X - (t.alpha * phi_1) * D_s
-        if order == 2 and math.isfinite(h):
-            s1 = b.point_at_lambda(s.lam + r1 * h)
-            u1 = (s1.sigma / s.sigma) * X - (s1.alpha * math.expm1(-r1 * h)) * D_s
-            D_s1 = b.evaluate(s1, u1, "x0")
-            x_t = x_t - (0.5 / r1) * (t.alpha * phi_1) * (D_s1 - D_s)
-        b.step(x_t, t.t)
+        if order == 2 and math.isfinite(t.lam - s.lam):
+            b.step(_dpm_solver_pp_2s_step(b, s, t, D_s), t.t)
+        else:
+            b.step((t.sigma / s.sigma) * X - (t.alpha * math.expm1(s.lam - t.lam)) * D_s, t.t)
 
 
 @register("sde-dpmsolver++", orders=(1, 2), default_order=2, stochastic=True, lower_order_final=None)
