@@ -73,9 +73,15 @@ def dpm_solver_singlestep(b: PlanBuilder, order: int) -> None:
 def dpm_solver_pp_multistep(b: PlanBuilder, order: int, lower_order_final: bool | None, warmup: str) -> None:
     """DPM-Solver++(1M/2M/3M): multistep, data prediction; ``lower_order_final`` defaults to steps < 15.
 
-    ``warmup='lower-order'`` (the reference code's choice, NFE = steps) starts 3M with a first-order step,
-    whose O(h^2) local error caps the asymptotic global order at 2; ``warmup='singlestep'`` takes that
-    first step with DPM-Solver++(2S) instead (one more call) so 3M keeps global order 3.
+    ``warmup='lower-order'`` (the reference code's choice, NFE = steps) starts 3M with a first-order step
+    whose O(h^2) local error caps the asymptotic order at 2 (its constant is small at high noise, so the
+    effect is rarely visible); ``warmup='singlestep'`` takes that step with DPM-Solver++(2S) instead (one
+    more call) so 3M keeps order 3.
+
+    3M: with D(lambda) ~ D0 + D' u + D'' u^2 / 2 the exact step adds -alpha_t h^2 phi_3 D'', and the
+    divided differences give D2 = h^2 D'' / 2, so the D2 term carries a factor 2. The reference code
+    (and diffusers, k-diffusion) omit it, which leaves their 3M second order; see
+    tests/test_solvers.py::test_dpmsolver_pp_3m_is_third_order_on_quadratic_x0.
     """
     if warmup not in ("lower-order", "singlestep"):
         raise ValueError(f"warmup={warmup!r}; expected 'lower-order' or 'singlestep'")
@@ -104,7 +110,7 @@ def dpm_solver_pp_multistep(b: PlanBuilder, order: int, lower_order_final: bool 
                 D2 = (D1_0 - D1_1) / (r0 + r1)
                 phi_2 = phi_1 / h + 1.0
                 phi_3 = phi_2 / h - 0.5
-                x_t = x_t + (t.alpha * phi_2) * D1 - (t.alpha * phi_3) * D2
+                x_t = x_t + (t.alpha * phi_2) * D1 - (2.0 * t.alpha * phi_3) * D2
         b.step(x_t, t.t)
 
 
