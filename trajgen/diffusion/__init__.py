@@ -24,7 +24,23 @@ from trajgen.diffusion.schedules import (
 )
 
 __all__ = [
-    "DiffusionLoss", "sample_times", "PREDICTIONS", "check_prediction", "conversion_coefficients", "convert",
-    "prediction_basis", "target", "EDM", "SCHEDULES", "VE", "Flow", "Schedule", "VPCosine", "VPDiscrete",
-    "VPLinear", "linear_betas", "make_schedule", "scaled_linear_betas",
+    "EDM",
+    "PREDICTIONS",
+    "SCHEDULES",
+    "VE",
+    "DiffusionLoss",
+    "Flow",
+    "Schedule",
+    "VPCosine",
+    "VPDiscrete",
+    "VPLinear",
+    "check_prediction",
+    "conversion_coefficients",
+    "convert",
+    "linear_betas",
+    "make_schedule",
+    "prediction_basis",
+    "sample_times",
+    "scaled_linear_betas",
+    "target",
 ]

@@ -8,7 +8,7 @@ ground truth that :meth:`GaussianMixture.ode_reference` integrates with scipy's 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class GaussianMixture:
 
     @classmethod
     def random(cls, components: int = 3, dim: int = 2, *, scale: float = 1.0, std: float = 0.4,
-               seed: int = 0) -> "GaussianMixture":
+               seed: int = 0) -> GaussianMixture:
         """A random, well-separated, anisotropic mixture (seeded)."""
         g = torch.Generator().manual_seed(seed)
         means = scale * torch.randn(components, dim, generator=g, dtype=torch.float64)

@@ -230,13 +230,13 @@ class VPDiscrete(Schedule):
         return {"num_steps": self.num_steps}
 
     @classmethod
-    def linear(cls, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "VPDiscrete":
+    def linear(cls, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> VPDiscrete:
         """DDPM's 1000-step linear table."""
         return cls(linear_betas(num_steps, beta_start, beta_end))
 
     @classmethod
     def scaled_linear(cls, num_steps: int = 1000, beta_start: float = 1e-4,
-                      beta_end: float = 0.02) -> "VPDiscrete":
+                      beta_end: float = 0.02) -> VPDiscrete:
         """The 'scaled_linear' table (DiffusionDrive: 1000 steps, 1e-4 -> 0.02)."""
         return cls(scaled_linear_betas(num_steps, beta_start, beta_end))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from trajgen.solvers.plan import X, Z, PlanBuilder
+from trajgen.solvers.plan import PlanBuilder, X, Z
 from trajgen.solvers.registry import register
 
 

@@ -8,12 +8,10 @@ Gauss-Legendre quadrature in u = log rho (integrand L_j(u) e^u, smooth), exact t
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from trajgen.solvers.dpm_solver import _require_finite, auto_lower_order_final, multistep_order
-from trajgen.solvers.plan import X, Lin, PlanBuilder
+from trajgen.solvers.plan import Lin, PlanBuilder, X
 from trajgen.solvers.registry import register
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from trajgen.solvers.plan import X, Z, Lin, PlanBuilder, Point
+from trajgen.solvers.plan import Lin, PlanBuilder, Point, X, Z
 from trajgen.solvers.registry import register
 
 

@@ -33,28 +33,28 @@ class Lin:
         self.terms: dict[int, float] = dict(terms or {})
 
     @staticmethod
-    def reg(index: int) -> "Lin":
+    def reg(index: int) -> Lin:
         return Lin({index: 1.0})
 
-    def __add__(self, other: "Lin") -> "Lin":
+    def __add__(self, other: Lin) -> Lin:
         terms = dict(self.terms)
         for reg, coef in other.terms.items():
             terms[reg] = terms.get(reg, 0.0) + coef
         return Lin(terms)
 
-    def __sub__(self, other: "Lin") -> "Lin":
+    def __sub__(self, other: Lin) -> Lin:
         return self + (-1.0) * other
 
-    def __rmul__(self, scale: float) -> "Lin":
+    def __rmul__(self, scale: float) -> Lin:
         return Lin({reg: float(scale) * coef for reg, coef in self.terms.items()})
 
-    def __mul__(self, scale: float) -> "Lin":
+    def __mul__(self, scale: float) -> Lin:
         return self.__rmul__(scale)
 
-    def __truediv__(self, scale: float) -> "Lin":
+    def __truediv__(self, scale: float) -> Lin:
         return self.__rmul__(1.0 / float(scale))
 
-    def __neg__(self) -> "Lin":
+    def __neg__(self) -> Lin:
         return self.__rmul__(-1.0)
 
     def combo(self, where: str) -> Combo:

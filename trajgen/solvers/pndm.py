@@ -8,7 +8,7 @@ the PLMS reference code (average of eps at both ends), so NFE = steps + 1.
 from __future__ import annotations
 
 from trajgen.solvers.dpm_solver import _require_finite
-from trajgen.solvers.plan import X, Lin, PlanBuilder, Point
+from trajgen.solvers.plan import Lin, PlanBuilder, Point, X
 from trajgen.solvers.registry import register
 
 ADAMS_BASHFORTH = {

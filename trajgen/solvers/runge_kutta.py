@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 from trajgen.diffusion.schedules import Flow
-from trajgen.solvers.plan import X, Z, Lin, PlanBuilder, Point
+from trajgen.solvers.plan import Lin, PlanBuilder, Point, X, Z
 from trajgen.solvers.registry import register
 
 # Butcher tableaux (c, A, b).
@@ -50,8 +50,9 @@ class _OdeVariables:
 
 
 def _can_evaluate(b: PlanBuilder, p: Point, basis: str) -> bool:
-    from trajgen.diffusion.predictions import conversion_coefficients
     import torch
+
+    from trajgen.diffusion.predictions import conversion_coefficients
 
     try:
         k_x, k_p = conversion_coefficients(b.prediction, basis, b.schedule, torch.tensor(p.t, dtype=torch.float64))

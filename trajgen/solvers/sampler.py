@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -11,7 +11,7 @@ from torch import Tensor
 from trajgen.diffusion.predictions import check_prediction
 from trajgen.diffusion.schedules import Schedule
 from trajgen.solvers.grids import make_grid
-from trajgen.solvers.plan import FIRST_EVAL_REG, S_REG, X, X_REG, Z_REG, PlanBuilder, Step, combine
+from trajgen.solvers.plan import FIRST_EVAL_REG, S_REG, X_REG, Z_REG, PlanBuilder, Step, X, combine
 from trajgen.solvers.registry import build_plan, get_solver
 
 Model = Callable[..., Tensor]
@@ -150,7 +150,7 @@ class Sampler:
             raise ValueError("x contains NaN or inf")
 
     def cuda_graph(self, model: Model, x: Tensor, *, noise: NoiseFn | None = None,
-                   constraint: Constraint | None = None, warmup: int = 2, **cond: Any) -> "GraphedSampler":
+                   constraint: Constraint | None = None, warmup: int = 2, **cond: Any) -> GraphedSampler:
         """Capture the whole sampling loop, network included, in a CUDA graph for inputs shaped like ``x``.
 
         The returned callable copies new inputs into static buffers and replays the graph: one launch per

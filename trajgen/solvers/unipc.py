@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from trajgen.solvers.dpm_solver import auto_lower_order_final, multistep_order
-from trajgen.solvers.plan import S, X, Lin, PlanBuilder, Point
+from trajgen.solvers.plan import Lin, PlanBuilder, Point, S, X
 from trajgen.solvers.registry import register
 
 

@@ -1,0 +1,33 @@
+"""The command line: every command has --help; listing works; bad input is reported."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from trajgen.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args", [[], ["demo"], ["bench"], ["bench", "solvers"], ["solvers"], ["train"],
+                                  ["train", "arcs"]])
+def test_help_everywhere(args):
+    result = runner.invoke(app, args + ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_list_solvers_names_every_solver():
+    from trajgen.solvers import SOLVERS
+
+    result = runner.invoke(app, ["solvers"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for name in SOLVERS:
+        assert name in result.output
+
+
+def test_train_arcs_rejects_unknown_solver(tmp_path):
+    result = runner.invoke(app, ["train", "arcs", "--steps", "1", "--solver", "nope", "--out-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "nope" in str(result.exception) or "nope" in result.output
