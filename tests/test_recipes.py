@@ -33,12 +33,13 @@ def _untrained_scores(config: ArcsConfig) -> dict:
 
 
 def test_short_training_run_learns_the_modes(tmp_path):
-    config = ArcsConfig(steps=250, batch_size=128, base_dim=16, warmup_steps=25, eval_samples=500,
+    config = ArcsConfig(steps=250, batch_size=128, base_dim=16, lr=3e-3, warmup_steps=25, eval_samples=500,
                         out_dir=str(tmp_path), progress=False, checkpoint_every=125, device="cpu")
     metrics = train_arcs(config)
     untrained = _untrained_scores(config)
-    assert metrics["valid_fraction"] > untrained["valid_fraction"] + 0.1
-    assert metrics["mode_tv"] < 0.3
+    # measured: 250 steps give ~1 m median arc error and mode TV ~0.1; the untrained net is ~800 m off
+    assert metrics["median_arc_rmse"] < 2.5 and metrics["median_arc_rmse"] < 0.01 * untrained["median_arc_rmse"]
+    assert metrics["mode_tv"] < 0.25
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["valid_fraction"] == metrics["valid_fraction"]
     assert (tmp_path / "checkpoints" / "latest").exists()

@@ -8,9 +8,11 @@ Gauss-Legendre quadrature in u = log rho (integrand L_j(u) e^u, smooth), exact t
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from trajgen.solvers.dpm_solver import _require_finite, auto_lower_order_final, multistep_order
+from trajgen.solvers.dpm_solver import multistep_order, noise_first_order_step, require_alpha
 from trajgen.solvers.plan import Lin, PlanBuilder, X
 from trajgen.solvers.registry import register
 
@@ -31,17 +33,19 @@ def lagrange_rho_integrals(u_nodes: list[float], u_s: float, u_t: float) -> list
     return coeffs
 
 
-@register("deis", orders=(1, 2, 3), default_order=3, lower_order_final=None)
-def deis(b: PlanBuilder, order: int, lower_order_final: bool | None) -> None:
+@register("deis", orders=(1, 2, 3), default_order=3, lower_order_final=True)
+def deis(b: PlanBuilder, order: int, lower_order_final: bool) -> None:
     """DEIS-1/2/3 multistep (log-rho Adams-Bashforth), noise prediction."""
-    lower_final = auto_lower_order_final(b, lower_order_final)
     P = b.points
     eps: list[Lin] = []
     for i in range(b.num_steps):
         s, t = P[i], P[i + 1]
-        _require_finite(b, s, t)
+        require_alpha(b, s)
         eps.append(b.evaluate(s, X, "eps"))
-        k = multistep_order(b, i, order, lower_final)
+        if not math.isfinite(t.lam):  # a step to sigma = 0 is taken in its first-order limit
+            b.step(noise_first_order_step(s, t, X, eps[-1]), t.t)
+            continue
+        k = multistep_order(b, i, order, lower_order_final)
         u_nodes = [-P[i - j].lam for j in range(k)]  # log rho = -lambda
         coeffs = lagrange_rho_integrals(u_nodes, -s.lam, -t.lam)
         y_t = X / s.alpha

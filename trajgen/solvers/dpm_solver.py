@@ -13,22 +13,23 @@ from trajgen.solvers.plan import Lin, PlanBuilder, Point, X, Z
 from trajgen.solvers.registry import register
 
 
-def _require_finite(b: PlanBuilder, s: Point, t: Point) -> float:
-    h = t.lam - s.lam
-    if not math.isfinite(h):
-        raise ValueError(f"solver {b.solver!r} works in noise prediction and needs 0 < alpha, sigma at every "
-                         f"grid time; t={s.t:g} -> {t.t:g} touches alpha = 0 or sigma = 0 on "
-                         f"{b.schedule!r}: move t_start/t_end inside (0, 1) or use dpmsolver++ / unipc")
-    return h
+def require_alpha(b: PlanBuilder, s: Point) -> None:
+    """Noise-prediction solvers cannot leave a state with alpha = 0 (eps there says nothing about x0)."""
+    if s.alpha <= 0:
+        raise ValueError(f"solver {b.solver!r} works in noise prediction and cannot start where alpha = 0 "
+                         f"(t={s.t:g} on {b.schedule!r}): pass t_start < 1 or use dpmsolver++ / unipc / euler")
 
 
-def auto_lower_order_final(b: PlanBuilder, lower_order_final: bool | None) -> bool:
-    """diffusers' rule: lower the order of the last steps only for short runs (< 15 steps)."""
-    return b.num_steps < 15 if lower_order_final is None else lower_order_final
+def noise_first_order_step(s: Point, t: Point, x: Lin, eps: Lin) -> Lin:
+    """DDIM in noise prediction, x_t = (alpha_t / alpha_s) x - (alpha_t sigma_s / alpha_s - sigma_t) eps,
+    which is DPM-Solver-1 (= alpha_t/alpha_s x - sigma_t expm1(h) eps) written to stay finite at sigma_t = 0."""
+    return (t.alpha / s.alpha) * x - (t.alpha * s.sigma / s.alpha - t.sigma) * eps
 
 
 def multistep_order(b: PlanBuilder, i: int, order: int, lower_order_final: bool) -> int:
-    """Order of multistep step i: warm up from 1, optionally lower at the end, 1 when h is infinite."""
+    """Order of multistep step i: warm up from 1, lower at the end (``lower_order_final``, as DPM-Solver's
+    reference code does by default: the last steps of a coarse grid are long and extrapolation over
+    them is unstable), 1 when h is infinite."""
     k = min(order, i + 1)
     if lower_order_final:
         k = min(k, b.num_steps - i)
@@ -44,8 +45,12 @@ def multistep_order(b: PlanBuilder, i: int, order: int, lower_order_final: bool)
 def dpm_solver_singlestep(b: PlanBuilder, order: int) -> None:
     """DPM-Solver-1/2/3, singlestep, noise prediction (r1 = 1/2 for order 2; r1, r2 = 1/3, 2/3 for 3)."""
     for s, t in zip(b.points[:-1], b.points[1:]):
-        h = _require_finite(b, s, t)
+        require_alpha(b, s)
         eps_s = b.evaluate(s, X, "eps")
+        h = t.lam - s.lam
+        if order == 1 or not math.isfinite(h):  # a step to sigma = 0 is taken in its first-order limit
+            b.step(noise_first_order_step(s, t, X, eps_s), t.t)
+            continue
         x_t = (t.alpha / s.alpha) * X - (t.sigma * math.expm1(h)) * eps_s
         if order == 2:
             r1 = 0.5
@@ -53,7 +58,7 @@ def dpm_solver_singlestep(b: PlanBuilder, order: int) -> None:
             u1 = (s1.alpha / s.alpha) * X - (s1.sigma * math.expm1(r1 * h)) * eps_s
             eps_s1 = b.evaluate(s1, u1, "eps")
             x_t = x_t - (0.5 / r1) * (t.sigma * math.expm1(h)) * (eps_s1 - eps_s)
-        elif order == 3:
+        else:
             r1, r2 = 1.0 / 3.0, 2.0 / 3.0
             s1, s2 = b.point_at_lambda(s.lam + r1 * h), b.point_at_lambda(s.lam + r2 * h)
             phi_11, phi_12 = math.expm1(r1 * h), math.expm1(r2 * h)
@@ -69,9 +74,9 @@ def dpm_solver_singlestep(b: PlanBuilder, order: int) -> None:
         b.step(x_t, t.t)
 
 
-@register("dpmsolver++", orders=(1, 2, 3), default_order=2, lower_order_final=None, warmup="lower-order")
-def dpm_solver_pp_multistep(b: PlanBuilder, order: int, lower_order_final: bool | None, warmup: str) -> None:
-    """DPM-Solver++(1M/2M/3M): multistep, data prediction; ``lower_order_final`` defaults to steps < 15.
+@register("dpmsolver++", orders=(1, 2, 3), default_order=2, lower_order_final=True, warmup="lower-order")
+def dpm_solver_pp_multistep(b: PlanBuilder, order: int, lower_order_final: bool, warmup: str) -> None:
+    """DPM-Solver++(1M/2M/3M): multistep, data prediction.
 
     ``warmup='lower-order'`` (the reference code's choice, NFE = steps) starts 3M with a first-order step
     whose O(h^2) local error caps the asymptotic order at 2 (its constant is small at high noise, so the
@@ -85,13 +90,12 @@ def dpm_solver_pp_multistep(b: PlanBuilder, order: int, lower_order_final: bool 
     """
     if warmup not in ("lower-order", "singlestep"):
         raise ValueError(f"warmup={warmup!r}; expected 'lower-order' or 'singlestep'")
-    lower_final = auto_lower_order_final(b, lower_order_final)
     P = b.points
     D: list[Lin] = []
     for i in range(b.num_steps):
         s, t = P[i], P[i + 1]
         D.append(b.evaluate(s, X, "x0"))
-        k = multistep_order(b, i, order, lower_final)
+        k = multistep_order(b, i, order, lower_order_final)
         if i == 0 and order == 3 and warmup == "singlestep" and math.isfinite(t.lam - s.lam):
             b.step(_dpm_solver_pp_2s_step(b, s, t, D[-1]), t.t)
             continue
@@ -135,16 +139,15 @@ def dpm_solver_pp_2s(b: PlanBuilder, order: int) -> None:
             b.step((t.sigma / s.sigma) * X - (t.alpha * math.expm1(s.lam - t.lam)) * D_s, t.t)
 
 
-@register("sde-dpmsolver++", orders=(1, 2), default_order=2, stochastic=True, lower_order_final=None)
-def sde_dpm_solver_pp(b: PlanBuilder, order: int, lower_order_final: bool | None) -> None:
+@register("sde-dpmsolver++", orders=(1, 2), default_order=2, stochastic=True, lower_order_final=True)
+def sde_dpm_solver_pp(b: PlanBuilder, order: int, lower_order_final: bool) -> None:
     """SDE-DPM-Solver++(1M/2M) (midpoint form, as diffusers): data prediction with fresh noise each step."""
-    lower_final = auto_lower_order_final(b, lower_order_final)
     P = b.points
     D: list[Lin] = []
     for i in range(b.num_steps):
         s, t = P[i], P[i + 1]
         D.append(b.evaluate(s, X, "x0"))
-        k = multistep_order(b, i, order, lower_final)
+        k = multistep_order(b, i, order, lower_order_final)
         h = t.lam - s.lam
         keep = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
         x_t = (t.sigma / s.sigma * math.exp(-h)) * X + (t.alpha * keep) * D[-1] + (t.sigma * math.sqrt(keep)) * Z

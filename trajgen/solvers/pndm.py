@@ -7,7 +7,7 @@ the PLMS reference code (average of eps at both ends), so NFE = steps + 1.
 
 from __future__ import annotations
 
-from trajgen.solvers.dpm_solver import _require_finite
+from trajgen.solvers.dpm_solver import require_alpha
 from trajgen.solvers.plan import Lin, PlanBuilder, Point, X
 from trajgen.solvers.registry import register
 
@@ -31,9 +31,9 @@ def pndm(b: PlanBuilder, order: int) -> None:
     eps: list[Lin] = []
     for i in range(b.num_steps):
         s, t = P[i], P[i + 1]
-        _require_finite(b, s, t)
+        require_alpha(b, s)
         eps.append(b.evaluate(s, X, "eps"))
-        if i == 0 and order >= 2:
+        if i == 0 and order >= 2 and t.sigma > 0:
             x_pred = ddim_transfer(X, eps[-1], s, t)
             eps_end = b.evaluate(t, x_pred, "eps")
             eps_prime = 0.5 * (eps[-1] + eps_end)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import math
 
+import torch
+
+from trajgen.diffusion.predictions import conversion_coefficients
 from trajgen.diffusion.schedules import Flow
 from trajgen.solvers.plan import Lin, PlanBuilder, Point, X, Z
 from trajgen.solvers.registry import register
@@ -49,11 +52,11 @@ class _OdeVariables:
         return 1.0 if self.flow else p.alpha
 
 
-def _can_evaluate(b: PlanBuilder, p: Point, basis: str) -> bool:
-    import torch
-
-    from trajgen.diffusion.predictions import conversion_coefficients
-
+def _can_evaluate_at(b: PlanBuilder, p: Point, basis: str) -> bool:
+    """False where the network cannot be asked for ``basis`` at p: at sigma = 0 an eps prediction is
+    undefined (EDM skips the second-order correction there), and singular conversions."""
+    if p.sigma == 0.0 and "eps" in (basis, b.prediction):
+        return False
     try:
         k_x, k_p = conversion_coefficients(b.prediction, basis, b.schedule, torch.tensor(p.t, dtype=torch.float64))
     except ValueError:
@@ -77,7 +80,7 @@ def _rk_steps(b: PlanBuilder, method: str, churn: float, s_tmin: float, s_tmax: 
             extra = math.sqrt(max(s_hat.sigma**2 - (ratio * s.sigma) ** 2, 0.0))
             x_start, s = ratio * X + (s_noise * extra) * Z, s_hat
         c, A, weights = TABLEAUX[method]
-        if c[-1] == 1.0 and not _can_evaluate(b, t, ode.basis):
+        if c[-1] == 1.0 and not _can_evaluate_at(b, t, ode.basis):
             c, A, weights = TABLEAUX["euler"]
         v_s, v_t = ode.var(s), ode.var(t)
         dv = v_t - v_s

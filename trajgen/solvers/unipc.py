@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from trajgen.solvers.dpm_solver import auto_lower_order_final, multistep_order
+from trajgen.solvers.dpm_solver import multistep_order
 from trajgen.solvers.plan import Lin, PlanBuilder, Point, S, X
 from trajgen.solvers.registry import register
 
@@ -69,12 +69,11 @@ def uni_c(base: Lin, P: list[Point], D: list[Lin], i: int, order: int, variant: 
     return x_t - (t.alpha * B_h * float(rhos[-1])) * (D[i] - D[i - 1])
 
 
-@register("unipc", orders=(1, 2, 3), default_order=2, variant="bh2", corrector=True, lower_order_final=None)
-def unipc(b: PlanBuilder, order: int, variant: str, corrector: bool, lower_order_final: bool | None) -> None:
+@register("unipc", orders=(1, 2, 3), default_order=2, variant="bh2", corrector=True, lower_order_final=True)
+def unipc(b: PlanBuilder, order: int, variant: str, corrector: bool, lower_order_final: bool) -> None:
     """UniPC multistep (UniP + UniC), data prediction; ``variant`` 'bh1' or 'bh2'."""
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unipc variant={variant!r}; expected 'bh1' or 'bh2'")
-    lower_final = auto_lower_order_final(b, lower_order_final)
     P = b.points
     D: list[Lin] = []
     previous_order = 1
@@ -82,6 +81,6 @@ def unipc(b: PlanBuilder, order: int, variant: str, corrector: bool, lower_order
         D.append(b.evaluate(P[i], X, "x0"))
         correctable = i > 0 and corrector and math.isfinite(P[i].lam - P[i - 1].lam)
         corrected = uni_c(S, P, D, i, previous_order, variant) if correctable else X
-        k = multistep_order(b, i, order, lower_final)
+        k = multistep_order(b, i, order, lower_order_final)
         b.step(uni_p(S, P, D, i, k, variant), P[i + 1].t, save=corrected)
         previous_order = k
