@@ -169,12 +169,3 @@ class PlanBuilder:
     @property
     def nfe(self) -> int:
         return self._num_evals
-
-
-def combine(combo: Combo, registers: list[Tensor | None]) -> Tensor:
-    """Evaluate a frozen combination over the register file (1 op per term)."""
-    (reg, coef), *rest = combo
-    acc = registers[reg] if coef == 1.0 and rest else registers[reg] * coef  # never alias a register
-    for reg, coef in rest:
-        acc = acc.add(registers[reg], alpha=coef)
-    return acc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,8 @@ from torch import Tensor
 from trajgen.diffusion.predictions import check_prediction
 from trajgen.diffusion.schedules import Schedule
 from trajgen.solvers.grids import make_grid
-from trajgen.solvers.plan import FIRST_EVAL_REG, S_REG, X_REG, Z_REG, PlanBuilder, Step, X, combine
+from trajgen.solvers.executor import Workspace, compile_plan
+from trajgen.solvers.plan import PlanBuilder, Step, X
 from trajgen.solvers.registry import build_plan, get_solver
 
 Model = Callable[..., Tensor]
@@ -69,7 +71,8 @@ class Sampler:
         self.stochastic = any(step.needs_noise for step in builder.steps)
         self.plan: tuple[Step, ...] = tuple(builder.steps)
         self._eval_times = [ev.t for step in self.plan for ev in step.evaluations]
-        self._free_after = _registers_to_free(self.plan)
+        self._compiled, self._rows = compile_plan(self.plan)
+        self._workspaces: dict[tuple, Workspace] = {}
         self._time_cache: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
 
     def __repr__(self) -> str:
@@ -104,35 +107,46 @@ class Sampler:
 
     def _run(self, model: Model, x: Tensor, noise_fn: NoiseFn, constraint: Constraint | None,
              cond: dict[str, Any], validate: bool, trajectory: list[Tensor] | None) -> Tensor:
+        ws = self._workspace(x)
         eval_times, step_times = self._times_for(x)
-        registers: list[Tensor | None] = [x, None, None] + [None] * self.nfe
+        shape = x.shape
+        state, state_view = x.reshape(-1), x  # read-only: the first update writes into the workspace
+        saved: Tensor | None = None
         k = 0
-        for i, step in enumerate(self.plan):
-            if step.needs_noise:
-                registers[Z_REG] = noise_fn(registers[X_REG])
+        for i, step in enumerate(self._compiled):
+            if step.noise_slot is not None:
+                ws.rows[step.noise_slot].copy_(noise_fn(state_view).reshape(-1))
             for ev in step.evaluations:
-                u = combine(ev.inputs, registers)
-                out = model(u, eval_times[k], **cond)
-                if validate:
-                    _check_output(out, u, ev.t)
-                if ev.k_x == 0.0:
-                    registers[FIRST_EVAL_REG + k] = out if ev.k_p == 1.0 else out * ev.k_p
+                if ev.inputs is None:
+                    u, u_view = state, state_view
                 else:
-                    registers[FIRST_EVAL_REG + k] = torch.add(u * ev.k_x, out, alpha=ev.k_p)
+                    u, u_view = ws.combine(ev.inputs, state, saved, ws.stage), ws.stage_view
+                out = model(u_view, eval_times[k], **cond)
+                if validate and (not isinstance(out, Tensor) or out.shape != shape):
+                    _raise_bad_shape(out, shape, ev.t)
+                if ev.add_input:
+                    torch.add(u, out.view(-1) if out.is_contiguous() else out.reshape(-1), alpha=ev.out_scale,
+                              out=ws.rows[ev.slot])
+                else:
+                    torch.mul(out.reshape(-1), ev.out_scale, out=ws.rows[ev.slot])
                 k += 1
             if step.save is not None:
-                registers[S_REG] = combine(step.save, registers)
-            x = combine(step.out, registers)
+                saved = ws.combine(step.save, state, saved, ws.saved[1] if saved is ws.saved[0] else ws.saved[0])
+            j = 1 if state is ws.states[0] else 0
+            state, state_view = ws.combine(step.out, state, saved, ws.states[j]), ws.state_views[j]
             if constraint is not None:
-                x = constraint(x, step_times[i])
-            registers[X_REG] = x
-            for reg in self._free_after[i]:
-                registers[reg] = None
+                projected = constraint(state_view, step_times[i])
+                if projected.data_ptr() != state.data_ptr():
+                    state.copy_(projected.reshape(-1))
             if trajectory is not None:
-                trajectory.append(x)
-        return x
+                trajectory.append(state_view.clone())
+        if validate and not _all_finite(state):
+            raise ValueError("sampling produced NaN or inf: the model output contains NaN or inf (or the "
+                             "state overflowed); check the model on these inputs and times")
+        return state_view.clone()
 
     def _times_for(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Time tensors [B] for every network call and every step end, cached per batch/dtype/device."""
         key = (x.shape[0], x.dtype, x.device)
         if key not in self._time_cache:
             def full(t: float) -> Tensor:
@@ -140,13 +154,19 @@ class Sampler:
             self._time_cache[key] = ([full(t) for t in self._eval_times], [full(s.t_next) for s in self.plan])
         return self._time_cache[key]
 
+    def _workspace(self, x: Tensor) -> Workspace:
+        key = (x.shape, x.dtype, x.device, torch.is_inference_mode_enabled())
+        if key not in self._workspaces:
+            self._workspaces[key] = Workspace(self._compiled, self._rows, x.shape, x.dtype, x.device)
+        return self._workspaces[key]
+
     @staticmethod
     def _check_input(x: Tensor, validate: bool) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor [B, ...], got {type(x).__name__}")
         if not x.is_floating_point() or x.ndim < 1:
             raise ValueError(f"x must be a floating-point tensor [B, ...], got dtype={x.dtype}, shape={tuple(x.shape)}")
-        if validate and not bool(torch.isfinite(x).all()):
+        if validate and not _all_finite(x):
             raise ValueError("x contains NaN or inf")
 
     def cuda_graph(self, model: Model, x: Tensor, *, noise: NoiseFn | None = None,
@@ -218,28 +238,11 @@ def _gaussian(generator: torch.Generator | None) -> NoiseFn:
     return lambda ref: torch.randn(ref.shape, generator=generator, dtype=ref.dtype, device=ref.device)
 
 
-def _check_output(out: Tensor, x_t: Tensor, t: float) -> None:
-    if not isinstance(out, Tensor) or out.shape != x_t.shape:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"model output has shape {shape} at t={t:g}; expected {tuple(x_t.shape)} (the shape of x)")
-    if not bool(torch.isfinite(out).all()):
-        raise ValueError(f"model output contains NaN or inf at t={t:g}")
+def _all_finite(x: Tensor) -> bool:
+    """Whether every entry is finite: one reduction and one sync on the fast path."""
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
-def _registers_to_free(plan: tuple[Step, ...]) -> list[list[int]]:
-    """For each step, the evaluation registers no later step reads (so their memory can go)."""
-    last_use: dict[int, int] = {}
-    k = FIRST_EVAL_REG
-    for i, step in enumerate(plan):
-        combos = [ev.inputs for ev in step.evaluations] + [step.out] + ([step.save] if step.save else [])
-        for _ in step.evaluations:
-            last_use.setdefault(k, i)
-            k += 1
-        for combo in combos:
-            for reg, _ in combo:
-                if reg >= FIRST_EVAL_REG:
-                    last_use[reg] = max(last_use.get(reg, i), i)
-    free: list[list[int]] = [[] for _ in plan]
-    for reg, i in last_use.items():
-        free[i].append(reg)
-    return free
+def _raise_bad_shape(out: Any, shape: torch.Size, t: float) -> None:
+    got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+    raise ValueError(f"model output has shape {got} at t={t:g}; expected {tuple(shape)} (the shape of x)")
