@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -382,14 +383,20 @@ def _elapsed(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> f
 def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
                       setup: dict[str, Callable[[], Any]] | None = None,
                       sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
-    """Wall seconds [repeats] of each ``fns[name]()``, timed in turn within every repeat (so drift hits all).
+    """Wall seconds [repeats] of each ``fns[name]()``, timed in turn within every repeat (so drift hits all)
+    in a freshly shuffled order each repeat (so no function always runs right after the same other one,
+    whose cache and branch-predictor footprint it would inherit).
 
     ``setup[name]()`` runs untimed before each timed call.
     """
     setup = setup or {}
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    shuffler = random.Random(0)
     for i in range(warmup + repeats):
-        for name, fn in fns.items():
+        shuffler.shuffle(order)
+        for name in order:
+            fn = fns[name]
             if name in setup:
                 setup[name]()
             seconds = _elapsed(fn, sync)

@@ -140,7 +140,7 @@ class Workspace:
         self.shape = shape
         self.regs = torch.zeros(rows, numel, dtype=dtype, device=device)
         self.regs_t = self.regs.T
-        self.rows = [self.regs[r] for r in range(rows)]
+        self.row_views = [self.regs[r].view(shape) for r in range(rows)]
         self.states = [torch.empty(numel, dtype=dtype, device=device) for _ in range(2)]
         self.state_views = [s.view(shape) for s in self.states]
         self.saved = [torch.empty(numel, dtype=dtype, device=device) for _ in range(2)]

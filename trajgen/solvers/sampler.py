@@ -110,30 +110,36 @@ class Sampler:
         ws = self._workspace(x)
         eval_times, step_times = self._times_for(x)
         shape = x.shape
+        regs_t, coef, rows = ws.regs_t, ws.coef, ws.row_views
         state, state_view = x.reshape(-1), x  # read-only: the first update writes into the workspace
         saved: Tensor | None = None
         k = 0
         for i, step in enumerate(self._compiled):
             if step.noise_slot is not None:
-                ws.rows[step.noise_slot].copy_(noise_fn(state_view).reshape(-1))
+                rows[step.noise_slot].copy_(noise_fn(state_view))
             for ev in step.evaluations:
                 if ev.inputs is None:
-                    u, u_view = state, state_view
+                    u_view = state_view
                 else:
-                    u, u_view = ws.combine(ev.inputs, state, saved, ws.stage), ws.stage_view
+                    ws.combine(ev.inputs, state, saved, ws.stage)
+                    u_view = ws.stage_view
                 out = model(u_view, eval_times[k], **cond)
                 if validate and (not isinstance(out, Tensor) or out.shape != shape):
                     _raise_bad_shape(out, shape, ev.t)
                 if ev.add_input:
-                    torch.add(u, out.view(-1) if out.is_contiguous() else out.reshape(-1), alpha=ev.out_scale,
-                              out=ws.rows[ev.slot])
+                    torch.add(u_view, out, alpha=ev.out_scale, out=rows[ev.slot])
                 else:
-                    torch.mul(out.reshape(-1), ev.out_scale, out=ws.rows[ev.slot])
+                    torch.mul(out, ev.out_scale, out=rows[ev.slot])
                 k += 1
             if step.save is not None:
                 saved = ws.combine(step.save, state, saved, ws.saved[1] if saved is ws.saved[0] else ws.saved[0])
             j = 1 if state is ws.states[0] else 0
-            state, state_view = ws.combine(step.out, state, saved, ws.states[j]), ws.state_views[j]
+            combo = step.out
+            if combo.coef is not None and combo.c_s == 0.0:  # the common case, inlined: one fused op
+                state = torch.addmv(state, regs_t, coef[combo.coef], beta=combo.c_x, out=ws.states[j])
+            else:
+                state = ws.combine(combo, state, saved, ws.states[j])
+            state_view = ws.state_views[j]
             if constraint is not None:
                 projected = constraint(state_view, step_times[i])
                 if projected.data_ptr() != state.data_ptr():
