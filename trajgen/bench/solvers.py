@@ -358,9 +358,9 @@ SAME_GRID_CHECKS: tuple[tuple[str, str, int, int, dict[str, Any], str], ...] = (
     ("dpmsolver++-3", "dpmsolver++", 3, 10, {},
      ("differ: trajgen's 3M uses 2 * phi_3 * D2 (Taylor-consistent, third order); diffusers and the "
      "DPM-Solver reference code use phi_3 * D2")),
-    ("unipc-3", "unipc", 3, 20, {},
-     "differ at >= 15 steps: trajgen lowers the final orders only below 15 steps, diffusers' UniPC always"),
-    ("unipc-3", "unipc", 3, 20, {"lower_order_final": True}, "agree (trajgen with lower_order_final=True)"),
+    ("unipc-3", "unipc", 3, 20, {}, "agree (both lower the order of the final steps by default)"),
+    ("unipc-3", "unipc", 3, 20, {"lower_order_final": False},
+     "differ: trajgen with lower_order_final=False keeps order 3 to the end"),
 )
 
 
