@@ -647,28 +647,41 @@ def run_solver_benchmark(quick: bool, out: str | None, device: str = "cpu", *,
     result["quick"] = quick
     result["targets"] = evaluate_targets(result, settings.nfes)
     if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             json.dump(result, f, indent=2)
     return result
 
 
 def _run(settings: Settings, device: str) -> dict[str, Any]:
-    """The three measurements and the same-grid checks (without targets and machine)."""
-    problem = make_problem(settings.batch)
-    rows, notes = trajgen_accuracy(problem, settings.nfes)
-    _, skipped = trajgen_variants()
-    has_diffusers = diffusers_available()
-    if has_diffusers:
-        rows += diffusers_accuracy(problem, settings.nfes)
+    """The three measurements and the same-grid checks (without targets and machine), showing the phase
+    in a rich status line on stderr."""
+    from rich.console import Console
+
+    with Console(stderr=True).status("solver benchmark: ground truth (DOP853)") as status:
+        problem = make_problem(settings.batch)
+        status.update("solver benchmark: trajgen accuracy")
+        rows, notes = trajgen_accuracy(problem, settings.nfes)
+        _, skipped = trajgen_variants()
+        has_diffusers = diffusers_available()
+        if has_diffusers:
+            status.update("solver benchmark: diffusers accuracy")
+            rows += diffusers_accuracy(problem, settings.nfes)
+        status.update("solver benchmark: per-step overhead")
+        overhead = measure_overhead(settings)
+        status.update("solver benchmark: end to end")
+        end_to_end = measure_end_to_end(settings, device)
+        status.update("solver benchmark: same-grid checks")
+        checks = _checks(problem, has_diffusers)
     return {
         "accuracy": rows,
-        "overhead": measure_overhead(settings),
-        "end_to_end": measure_end_to_end(settings, device),
+        "overhead": overhead,
+        "end_to_end": end_to_end,
         "problem": {**problem.describe(), "nfe_budgets": list(settings.nfes),
                     "trajgen_skipped": {name: "stochastic (no ODE ground truth)" for name in skipped},
                     "trajgen_fallbacks": notes,
                     "diffusers": diffusers_configs() if has_diffusers else "not installed"},
-        "checks": _checks(problem, has_diffusers),
+        "checks": checks,
     }
 
 

@@ -114,7 +114,7 @@ class GaussianMixture:
             _, _, sigma_start = alpha_sigma(lam_start)
 
             def rhs(lam: float, y: np.ndarray) -> np.ndarray:
-                t, alpha, sigma = alpha_sigma(lam)
+                _, alpha, sigma = alpha_sigma(lam)
                 x = torch.from_numpy(y).reshape(shape) * sigma
                 x0_hat = self.posterior_mean(x, alpha, sigma)
                 return (math.exp(lam) * x0_hat).reshape(-1).numpy()

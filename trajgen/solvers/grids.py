@@ -53,7 +53,7 @@ def karras(schedule: Schedule, t_start: float, t_end: float, steps: int, rho: fl
 def discrete_steps(schedule: Schedule, t_start: float, t_end: float, steps: int) -> Tensor:
     """Times of a discrete schedule's own training steps, evenly spaced ('trailing' spacing)."""
     if not isinstance(schedule, VPDiscrete):
-        raise ValueError(f"grid='discrete' needs a VPDiscrete schedule, got {schedule!r}")
+        raise TypeError(f"grid='discrete' needs a VPDiscrete schedule, got {schedule!r}")
     n_start = float(schedule.step_of_time(t_start))
     n_end = float(schedule.step_of_time(t_end))
     n = torch.round(torch.linspace(n_start, n_end, steps + 1, dtype=torch.float64))

@@ -59,7 +59,7 @@ class Lin:
 
     def combo(self, where: str) -> Combo:
         """Freeze into a tuple, dropping zero terms; non-finite coefficients raise."""
-        for reg, coef in self.terms.items():
+        for coef in self.terms.values():
             if not math.isfinite(coef):
                 raise ValueError(f"{where}: a solver coefficient is not finite ({coef}); the step touches a "
                                  "time where this solver's parameterisation is singular (alpha = 0 or "

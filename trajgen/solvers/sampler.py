@@ -11,8 +11,8 @@ from torch import Tensor
 
 from trajgen.diffusion.predictions import check_prediction
 from trajgen.diffusion.schedules import Schedule
-from trajgen.solvers.grids import make_grid
 from trajgen.solvers.executor import Workspace, compile_plan
+from trajgen.solvers.grids import make_grid
 from trajgen.solvers.plan import PlanBuilder, Step, X
 from trajgen.solvers.registry import build_plan, get_solver
 
