@@ -24,8 +24,11 @@ Constraint = Callable[[Tensor, Tensor], Tensor]
 class Sampler:
     """A solver compiled for one schedule, grid and prediction type; call it as ``sampler(model, x)``.
 
-    Every per-step coefficient is computed once here (float64), so a call costs the network evaluations
-    plus a few fused tensor ops per step. ``sampler.nfe`` is the number of network calls.
+    Every per-step coefficient is computed once here (float64) and each update runs as one fused op over
+    preallocated buffers (``trajgen.solvers.executor``), so a call costs the network evaluations plus
+    about two small ops per step. ``sampler.nfe`` is the number of network calls. A Sampler reuses its
+    buffers across calls: use one per thread, and do not keep the ``x_t`` tensor the model receives
+    beyond the call (it is a view of a buffer the next step overwrites).
 
     Args:
         schedule: the noise schedule the model was trained with.
