@@ -106,7 +106,25 @@ class Schedule(ABC):
         return {}
 
 
-class VPLinear(Schedule):
+class VPFromLogAlpha(Schedule):
+    """A variance-preserving schedule given by log alpha(t): sigma = sqrt(1 - alpha^2)."""
+
+    @abstractmethod
+    def log_alpha(self, t: Tensor | float) -> Tensor:
+        """log alpha(t), same shape as t."""
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def logsnr(self, t: Tensor | float) -> Tensor:
+        log_alpha = self.log_alpha(t)
+        return 2.0 * log_alpha - torch.log(-torch.expm1(2.0 * log_alpha))
+
+
+class VPLinear(VPFromLogAlpha):
     """Continuous VP-SDE with linear beta(t) = beta_min + t (beta_max - beta_min).
 
     log alpha(t) = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2, sigma = sqrt(1 - alpha^2).
@@ -127,16 +145,6 @@ class VPLinear(Schedule):
     def log_alpha(self, t: Tensor | float) -> Tensor:
         t = _as_tensor(t)
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-
-    def alpha(self, t: Tensor | float) -> Tensor:
-        return torch.exp(self.log_alpha(t))
-
-    def sigma(self, t: Tensor | float) -> Tensor:
-        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
-
-    def logsnr(self, t: Tensor | float) -> Tensor:
-        log_alpha = self.log_alpha(t)
-        return 2.0 * log_alpha - torch.log(-torch.expm1(2.0 * log_alpha))
 
     def t_of_logsnr(self, logsnr: Tensor | float) -> Tensor:
         logsnr = _as_tensor(logsnr)
@@ -200,7 +208,7 @@ def scaled_linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_en
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
 
 
-class VPDiscrete(Schedule):
+class VPDiscrete(VPFromLogAlpha):
     """VP schedule from a discrete betas table of N steps (DDPM).
 
     Step n (0-based, as in training code: alpha_bar[n] = prod_{i<=n} (1 - beta_i)) sits at t = (n + 1) / N,
@@ -257,16 +265,6 @@ class VPDiscrete(Schedule):
         t = _as_tensor(t)
         return _interp(t, self._t_table.to(t.device), self._log_alpha_table.to(t.device))
 
-    def alpha(self, t: Tensor | float) -> Tensor:
-        return torch.exp(self.log_alpha(t))
-
-    def sigma(self, t: Tensor | float) -> Tensor:
-        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
-
-    def logsnr(self, t: Tensor | float) -> Tensor:
-        log_alpha = self.log_alpha(t)
-        return 2.0 * log_alpha - torch.log(-torch.expm1(2.0 * log_alpha))
-
     def t_of_logsnr(self, logsnr: Tensor | float) -> Tensor:
         logsnr = _as_tensor(logsnr)
         log_alpha = 0.5 * torch.nn.functional.logsigmoid(logsnr)
@@ -282,7 +280,21 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
 
 
-class EDM(Schedule):
+class VarianceExploding(Schedule):
+    """alpha = 1 everywhere; subclasses give sigma(t). The prior is N(0, sigma(1)^2)."""
+
+    @property
+    def is_variance_exploding(self) -> bool:
+        return True
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return torch.ones_like(_as_tensor(t))
+
+    def d_alpha(self, t: Tensor | float) -> Tensor:
+        return torch.zeros_like(_as_tensor(t))
+
+
+class EDM(VarianceExploding):
     """EDM (Karras et al. 2022): alpha = 1, sigma(t) = (s_min^(1/rho) + t (s_max^(1/rho) - s_min^(1/rho)))^rho.
 
     A time-uniform grid on this schedule is EDM's rho-grid; t = 0 is sigma_min (not clean data).
@@ -301,13 +313,6 @@ class EDM(Schedule):
     def _config(self) -> dict:
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho}
 
-    @property
-    def is_variance_exploding(self) -> bool:
-        return True
-
-    def alpha(self, t: Tensor | float) -> Tensor:
-        return torch.ones_like(_as_tensor(t))
-
     def sigma(self, t: Tensor | float) -> Tensor:
         return (self._lo + _as_tensor(t) * (self._hi - self._lo)) ** self.rho
 
@@ -318,15 +323,12 @@ class EDM(Schedule):
         sigma = torch.exp(-0.5 * _as_tensor(logsnr))
         return (sigma ** (1.0 / self.rho) - self._lo) / (self._hi - self._lo)
 
-    def d_alpha(self, t: Tensor | float) -> Tensor:
-        return torch.zeros_like(_as_tensor(t))
-
     def d_sigma(self, t: Tensor | float) -> Tensor:
         t = _as_tensor(t)
         return self.rho * (self._hi - self._lo) * (self._lo + t * (self._hi - self._lo)) ** (self.rho - 1)
 
 
-class VE(Schedule):
+class VE(VarianceExploding):
     """Variance exploding (Song et al. 2021): alpha = 1, sigma(t) = sigma_min (sigma_max / sigma_min)^t."""
 
     t_end_default = 0.0
@@ -341,13 +343,6 @@ class VE(Schedule):
     def _config(self) -> dict:
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
-    @property
-    def is_variance_exploding(self) -> bool:
-        return True
-
-    def alpha(self, t: Tensor | float) -> Tensor:
-        return torch.ones_like(_as_tensor(t))
-
     def sigma(self, t: Tensor | float) -> Tensor:
         return self.sigma_min * torch.exp(_as_tensor(t) * self._log_ratio)
 
@@ -356,9 +351,6 @@ class VE(Schedule):
 
     def t_of_logsnr(self, logsnr: Tensor | float) -> Tensor:
         return (-0.5 * _as_tensor(logsnr) - math.log(self.sigma_min)) / self._log_ratio
-
-    def d_alpha(self, t: Tensor | float) -> Tensor:
-        return torch.zeros_like(_as_tensor(t))
 
     def d_sigma(self, t: Tensor | float) -> Tensor:
         return self._log_ratio * self.sigma(t)
