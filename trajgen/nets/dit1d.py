@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._checks import check_cond, check_features, check_mask, check_time
-from .embeddings import ConditionEmbedding, TimeEmbedding
+from ._checks import check_features, check_mask
+from .embeddings import ConditionEmbedding, TimeEmbedding, time_and_condition
 from .layers import Attention, FeedForward, init_position_embedding
 
 
@@ -130,12 +130,7 @@ class DiT1d(nn.Module):
             raise ValueError(
                 f"x has horizon H={horizon} > max_len={self.max_len}; build DiT1d with a larger max_len"
             )
-        emb = self.time_emb(check_time(t, batch))
-        check_cond(cond, cond_dim=self.cond_dim, batch=batch)
-        check_mask(cond_mask, shape=(batch,), name="cond_mask")
-        if self.cond_emb is not None:
-            emb = emb + self.cond_emb(cond, batch, cond_mask)
-        return emb
+        return time_and_condition(self.time_emb, self.cond_emb, self.cond_dim, t, cond, cond_mask, batch)
 
     def _check_context(self, context: Tensor | None, context_mask: Tensor | None, batch: int) -> None:
         """Require context [B, N, context_dim] and context_mask [B, N] bool, or None."""

@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_cond, check_mask, check_time
+
 Activation = Literal["mish", "silu"]
 
 
@@ -127,3 +129,15 @@ class FiLM(nn.Module):
         scale, shift = self.proj(emb).chunk(2, dim=-1)
         shape = scale.shape + (1,) * (h.ndim - 2)
         return h * (1 + scale.view(shape)) + shift.view(shape)
+
+
+def time_and_condition(time_emb: TimeEmbedding, cond_emb: ConditionEmbedding | None, cond_dim: int | None,
+                       t: Tensor, cond: Tensor | None, cond_mask: Tensor | None, batch: int) -> Tensor:
+    """Validate t [B], cond [B, C] | None and cond_mask [B] | None; return the time embedding plus the
+    condition embedding (when the model has one), [B, E]."""
+    emb = time_emb(check_time(t, batch))
+    check_cond(cond, cond_dim=cond_dim, batch=batch)
+    check_mask(cond_mask, shape=(batch,), name="cond_mask")
+    if cond_emb is not None:
+        emb = emb + cond_emb(cond, batch, cond_mask)
+    return emb

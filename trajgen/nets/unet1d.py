@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_cond, check_features, check_mask, check_time
-from .embeddings import ConditionEmbedding, FiLM, TimeEmbedding
+from ._checks import check_features
+from .embeddings import ConditionEmbedding, FiLM, TimeEmbedding, time_and_condition
 
 
 class Conv1dBlock(nn.Module):
@@ -133,13 +133,7 @@ class TemporalUnet1d(nn.Module):
     def embed(self, x: Tensor, t: Tensor, cond: Tensor | None, cond_mask: Tensor | None) -> Tensor:
         """Validate the inputs and return the time(+cond) embedding [B, E]."""
         check_features(x, ndim=3, in_dim=self.in_dim, layout="[B, H, D]")
-        batch = x.shape[0]
-        emb = self.time_emb(check_time(t, batch))
-        check_cond(cond, cond_dim=self.cond_dim, batch=batch)
-        check_mask(cond_mask, shape=(batch,), name="cond_mask")
-        if self.cond_emb is not None:
-            emb = emb + self.cond_emb(cond, batch, cond_mask)
-        return emb
+        return time_and_condition(self.time_emb, self.cond_emb, self.cond_dim, t, cond, cond_mask, x.shape[0])
 
 
 def _check_unet_config(channels: list[int], kernel_size: int, groups: int) -> None:
