@@ -214,10 +214,11 @@ class VPDiscrete(VPFromLogAlpha):
     Step n (0-based, as in training code: alpha_bar[n] = prod_{i<=n} (1 - beta_i)) sits at t = (n + 1) / N,
     and t = 0 is clean data (alpha = 1). In between, log(alpha) is interpolated linearly in t, as
     DPM-Solver does, so a model trained on integer steps is sampled exactly at its own steps whenever a
-    grid point lands on one (see :meth:`time_of_step` / :meth:`step_of_time`).
+    grid point lands on one (see :meth:`time_of_step` / :meth:`step_of_time`); the default grid,
+    ``'discrete'``, puts every interior point on a training step.
     """
 
-    default_grid = "time"
+    default_grid = "discrete"
 
     def __init__(self, betas: Tensor | None = None) -> None:
         betas = linear_betas() if betas is None else torch.as_tensor(betas, dtype=torch.float64)

@@ -51,7 +51,11 @@ def karras(schedule: Schedule, t_start: float, t_end: float, steps: int, rho: fl
 
 
 def discrete_steps(schedule: Schedule, t_start: float, t_end: float, steps: int) -> Tensor:
-    """Times of a discrete schedule's own training steps, evenly spaced ('trailing' spacing)."""
+    """Times of a discrete schedule's own training steps, evenly spaced ('trailing' spacing).
+
+    Interior points are rounded to training steps; the ends stay exactly t_start and t_end (a truncated
+    start between two steps is not moved).
+    """
     if not isinstance(schedule, VPDiscrete):
         raise TypeError(f"grid='discrete' needs a VPDiscrete schedule, got {schedule!r}")
     n_start = float(schedule.step_of_time(t_start))
@@ -60,7 +64,9 @@ def discrete_steps(schedule: Schedule, t_start: float, t_end: float, steps: int)
     if len(torch.unique(n)) != steps + 1:
         raise ValueError(f"grid='discrete': {steps} steps do not fit between training steps {n_start:g} and "
                          f"{n_end:g}; use fewer steps")
-    return schedule.time_of_step(n)
+    grid = schedule.time_of_step(n)
+    grid[0], grid[-1] = t_start, t_end
+    return grid
 
 
 def make_grid(schedule: Schedule, grid: str | Tensor, steps: int, t_start: float, t_end: float,
