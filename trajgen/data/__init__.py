@@ -1,5 +1,27 @@
-"""Datasets: synthetic trajectory distributions with known structure (later: D4RL HDF5, Minari, motion)."""
+"""Datasets: synthetic trajectory distributions with known structure, D4RL-format HDF5 (later: Minari, motion)."""
 
+from trajgen.data.d4rl import (
+    D4RL_REF_SCORES,
+    D4RLDataset,
+    GaussianNormalizer,
+    LimitsNormalizer,
+    Normalizer,
+    SequenceDataset,
+    d4rl_normalized_score,
+    load_d4rl,
+    write_d4rl,
+)
 from trajgen.data.synthetic import ArcTrajectories
 
-__all__ = ["ArcTrajectories"]
+__all__ = [
+    "D4RL_REF_SCORES",
+    "ArcTrajectories",
+    "D4RLDataset",
+    "GaussianNormalizer",
+    "LimitsNormalizer",
+    "Normalizer",
+    "SequenceDataset",
+    "d4rl_normalized_score",
+    "load_d4rl",
+    "write_d4rl",
+]
