@@ -363,3 +363,19 @@ def test_cuda_graph_equals_eager():
         other = torch.randn_like(x)
         assert torch.allclose(graphed(other), sampler(net, other), atol=1e-5)
     assert torch.allclose(replay, eager, atol=1e-5)
+
+
+def test_sampling_a_trainable_network_builds_no_graph():
+    """A network with requires_grad parameters samples fine outside torch.no_grad, in and out of
+    inference mode (the workspace buffers of one mode are not reused by the other)."""
+    from trajgen.nets import TemporalUnet1d
+
+    torch.manual_seed(0)
+    net = TemporalUnet1d(4, base_dim=8, dim_mults=(1, 2))
+    sampler = Sampler(VPDiscrete.linear(), "unipc", 4, "eps")
+    x = torch.randn(2, 8, 4)
+    plain = sampler(net, x)
+    assert not plain.requires_grad
+    with torch.inference_mode():
+        inferred = sampler(net, x)
+    assert torch.allclose(plain, sampler(net, x)) and torch.allclose(plain, inferred)

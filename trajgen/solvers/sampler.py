@@ -103,7 +103,8 @@ class Sampler:
         self._check_input(x, validate)
         noise_fn = noise or _gaussian(generator)
         trajectory = [x] if return_trajectory else None
-        out = self._run(model, x, noise_fn, constraint, cond, validate, trajectory)
+        with torch.no_grad():  # sampling builds no graph (gradient guidance enables autograd inside its call)
+            out = self._run(model, x, noise_fn, constraint, cond, validate, trajectory)
         if trajectory is not None:
             return out, torch.stack(trajectory)
         return out
@@ -200,7 +201,11 @@ class GraphedSampler:
         self.static_x = x.clone()
         self.static_cond = {k: v.clone() if isinstance(v, Tensor) else v for k, v in cond.items()}
         noise_fn = noise or (lambda ref: torch.randn_like(ref))
-        run = lambda: sampler._run(model, self.static_x, noise_fn, constraint, self.static_cond, False, None)
+
+        def run() -> Tensor:
+            with torch.no_grad():
+                return sampler._run(model, self.static_x, noise_fn, constraint, self.static_cond, False, None)
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
