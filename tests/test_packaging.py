@@ -12,5 +12,6 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_package_is_declared():
     declared = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "trajgen").rglob("__init__.py")}
-    found |= {"trajgen.envs", "trajgen.agents"}
+    for root in ("envs", "agents"):
+        found |= {".".join(("trajgen", *p.parent.relative_to(REPO).parts)) for p in (REPO / root).rglob("__init__.py")}
     assert found <= declared, f"add to [tool.setuptools] packages: {sorted(found - declared)}"
