@@ -20,6 +20,8 @@ from torch import Tensor
 
 from trajgen.solvers.plan import FIRST_EVAL_REG, S_REG, X_REG, Z_REG, Combo, Step
 
+NOISE_ROW = 0  # regs row holding the step's fresh noise; evaluation outputs use the rows after it
+
 
 @dataclass(frozen=True)
 class CompiledCombo:
@@ -44,7 +46,7 @@ class CompiledEval:
 @dataclass(frozen=True)
 class CompiledStep:
     t_next: float
-    noise_slot: int | None
+    needs_noise: bool  # draw fresh noise into row NOISE_ROW before the evaluations
     evaluations: tuple[CompiledEval, ...]
     save: CompiledCombo | None
     out: CompiledCombo
@@ -59,7 +61,7 @@ def compile_plan(plan: tuple[Step, ...]) -> tuple[tuple[CompiledStep, ...], int]
     multiplier: dict[int, float] = {}
     slot_of: dict[int, int] = {}
     free: list[int] = []
-    rows = 1  # row 0 holds the step's noise
+    rows = NOISE_ROW + 1
     compiled: list[CompiledStep] = []
     reg = FIRST_EVAL_REG
     for i, step in enumerate(plan):
@@ -76,7 +78,7 @@ def compile_plan(plan: tuple[Step, ...]) -> tuple[tuple[CompiledStep, ...], int]
             reg += 1
         save = _compile(step.save, slot_of, multiplier, rows) if step.save is not None else None
         out = _compile(step.out, slot_of, multiplier, rows)
-        compiled.append(CompiledStep(step.t_next, 0 if step.needs_noise else None, tuple(evals), save, out))
+        compiled.append(CompiledStep(step.t_next, step.needs_noise, tuple(evals), save, out))
         for r, last in last_use.items():
             if last == i and r in slot_of:
                 free.append(slot_of.pop(r))
@@ -93,7 +95,7 @@ def _compile(combo: Combo, slot_of: dict[int, int], multiplier: dict[int, float]
         elif reg == S_REG:
             c_s += c
         elif reg == Z_REG:
-            coef[0] = coef.get(0, 0.0) + c
+            coef[NOISE_ROW] = coef.get(NOISE_ROW, 0.0) + c
         else:
             slot = slot_of[reg]
             coef[slot] = coef.get(slot, 0.0) + c * multiplier[reg]
@@ -112,7 +114,7 @@ def _pad(step: CompiledStep, rows: int) -> CompiledStep:
         return CompiledCombo(c.c_x, c.c_s, c.coef + (0.0,) * (rows - len(c.coef)))
 
     evals = tuple(CompiledEval(e.t, pad(e.inputs), e.slot, e.out_scale, e.add_input) for e in step.evaluations)
-    return CompiledStep(step.t_next, step.noise_slot, evals, pad(step.save), pad(step.out))
+    return CompiledStep(step.t_next, step.needs_noise, evals, pad(step.save), pad(step.out))
 
 
 def _last_use(plan: tuple[Step, ...]) -> dict[int, int]:
@@ -132,10 +134,15 @@ def _last_use(plan: tuple[Step, ...]) -> dict[int, int]:
 
 
 class Workspace:
-    """Preallocated buffers and coefficient tensors for one (numel, dtype, device)."""
+    """Preallocated buffers, coefficient tensors and time tensors for one (shape, dtype, device)."""
 
     def __init__(self, steps: tuple[CompiledStep, ...], rows: int, shape: torch.Size, dtype: torch.dtype,
                  device: torch.device) -> None:
+        def times(t: float) -> Tensor:
+            return torch.full((shape[0],), t, dtype=dtype, device=device)
+
+        self.eval_times = [times(e.t) for step in steps for e in step.evaluations]  # model inputs t [B]
+        self.step_times = [times(step.t_next) for step in steps]  # constraint inputs t [B]
         numel = shape.numel()
         self.shape = shape
         self.regs = torch.zeros(rows, numel, dtype=dtype, device=device)

@@ -69,16 +69,21 @@ def discrete_steps(schedule: Schedule, t_start: float, t_end: float, steps: int)
     return grid
 
 
+def check_timesteps(timesteps: Tensor) -> Tensor:
+    """An explicit grid as float64 [N + 1], checked: strictly decreasing, inside [0, 1]."""
+    times = timesteps.detach().to("cpu", torch.float64).reshape(-1)
+    if len(times) < 2 or not bool((times[1:] < times[:-1]).all()):
+        raise ValueError("timesteps must be a strictly decreasing 1-D tensor of >= 2 times")
+    if not (0.0 <= float(times[-1]) and float(times[0]) <= 1.0):
+        raise ValueError(f"timesteps must lie in [0, 1], got [{float(times[-1])}, {float(times[0])}]")
+    return times
+
+
 def make_grid(schedule: Schedule, grid: str | Tensor, steps: int, t_start: float, t_end: float,
               rho: float = 7.0) -> Tensor:
     """Build the grid named ``grid`` (one of ``GRIDS``) or validate an explicit tensor of times."""
     if isinstance(grid, Tensor):
-        times = grid.detach().to("cpu", torch.float64).reshape(-1)
-        if len(times) < 2 or not bool((times[1:] < times[:-1]).all()):
-            raise ValueError("timesteps must be a strictly decreasing 1-D tensor of >= 2 times")
-        if not (0.0 <= float(times[-1]) and float(times[0]) <= 1.0):
-            raise ValueError(f"timesteps must lie in [0, 1], got [{float(times[-1])}, {float(times[0])}]")
-        return times
+        return check_timesteps(grid)
     builders = {
         "time": lambda: time_uniform(t_start, t_end, steps),
         "time-quadratic": lambda: time_quadratic(t_start, t_end, steps),

@@ -7,8 +7,8 @@ the PLMS reference code (average of eps at both ends), so NFE = steps + 1.
 
 from __future__ import annotations
 
-from trajgen.solvers.dpm_solver import require_alpha
-from trajgen.solvers.plan import Lin, PlanBuilder, Point, X
+from trajgen.solvers.dpm_solver import noise_first_order_step, require_alpha
+from trajgen.solvers.plan import Lin, PlanBuilder, X
 from trajgen.solvers.registry import register
 
 ADAMS_BASHFORTH = {
@@ -17,11 +17,6 @@ ADAMS_BASHFORTH = {
     3: (23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0),
     4: (55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0),
 }
-
-
-def ddim_transfer(x: Lin, eps: Lin, s: Point, t: Point) -> Lin:
-    """phi(x, eps, s -> t) = alpha_t (x - sigma_s eps) / alpha_s + sigma_t eps."""
-    return (t.alpha / s.alpha) * x + (t.sigma - t.alpha * s.sigma / s.alpha) * eps
 
 
 @register("pndm", orders=(1, 2, 3, 4), default_order=4)
@@ -34,7 +29,7 @@ def pndm(b: PlanBuilder, order: int) -> None:
         require_alpha(b, s)
         eps.append(b.evaluate(s, X, "eps"))
         if i == 0 and order >= 2 and t.sigma > 0:
-            x_pred = ddim_transfer(X, eps[-1], s, t)
+            x_pred = noise_first_order_step(s, t, X, eps[-1])
             eps_end = b.evaluate(t, x_pred, "eps")
             eps_prime = 0.5 * (eps[-1] + eps_end)
         else:
@@ -42,4 +37,4 @@ def pndm(b: PlanBuilder, order: int) -> None:
             eps_prime = Lin()
             for coef, e in zip(ADAMS_BASHFORTH[k], reversed(eps)):
                 eps_prime = eps_prime + coef * e
-        b.step(ddim_transfer(X, eps_prime, s, t), t.t)
+        b.step(noise_first_order_step(s, t, X, eps_prime), t.t)

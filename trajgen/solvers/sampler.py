@@ -11,8 +11,8 @@ from torch import Tensor
 
 from trajgen.diffusion.predictions import check_prediction
 from trajgen.diffusion.schedules import Schedule
-from trajgen.solvers.executor import Workspace, compile_plan
-from trajgen.solvers.grids import make_grid
+from trajgen.solvers.executor import NOISE_ROW, Workspace, compile_plan
+from trajgen.solvers.grids import check_timesteps, make_grid
 from trajgen.solvers.plan import PlanBuilder, Step, X
 from trajgen.solvers.registry import build_plan, get_solver
 
@@ -53,15 +53,16 @@ class Sampler:
             raise TypeError(f"schedule must be a trajgen.diffusion.Schedule, got {type(schedule).__name__}")
         spec = get_solver(solver)
         self.prediction = check_prediction(prediction)
-        if timesteps is None:
+        if timesteps is not None:
+            times = check_timesteps(timesteps)
+        else:
             t_end = schedule.t_end_default if t_end is None else float(t_end)
             t_start = float(t_start)
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
                 raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
             if not 0.0 <= t_end < t_start <= 1.0:
                 raise ValueError(f"need 0 <= t_end < t_start <= 1, got t_start={t_start}, t_end={t_end}")
-        times = make_grid(schedule, grid or schedule.default_grid if timesteps is None else timesteps,
-                          steps, t_start, t_end or 0.0, rho)
+            times = make_grid(schedule, grid or schedule.default_grid, steps, t_start, t_end, rho)
         builder = PlanBuilder(schedule, self.prediction, times, solver)
         self.order = build_plan(spec, builder, order, options)
         if final_denoise:
@@ -73,10 +74,8 @@ class Sampler:
         self.nfe = builder.nfe
         self.stochastic = any(step.needs_noise for step in builder.steps)
         self.plan: tuple[Step, ...] = tuple(builder.steps)
-        self._eval_times = [ev.t for step in self.plan for ev in step.evaluations]
         self._compiled, self._rows = compile_plan(self.plan)
         self._workspaces: dict[tuple, Workspace] = {}
-        self._time_cache: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
 
     def __repr__(self) -> str:
         return (f"Sampler(solver={self.solver!r}, order={self.order}, steps={self.steps}, nfe={self.nfe}, "
@@ -112,15 +111,15 @@ class Sampler:
     def _run(self, model: Model, x: Tensor, noise_fn: NoiseFn, constraint: Constraint | None,
              cond: dict[str, Any], validate: bool, trajectory: list[Tensor] | None) -> Tensor:
         ws = self._workspace(x)
-        eval_times, step_times = self._times_for(x)
+        eval_times, step_times = ws.eval_times, ws.step_times
         shape = x.shape
         regs_t, coef, rows = ws.regs_t, ws.coef, ws.row_views
         state, state_view = x.reshape(-1), x  # read-only: the first update writes into the workspace
         saved: Tensor | None = None
         k = 0
         for i, step in enumerate(self._compiled):
-            if step.noise_slot is not None:
-                rows[step.noise_slot].copy_(noise_fn(state_view))
+            if step.needs_noise:
+                rows[NOISE_ROW].copy_(noise_fn(state_view))
             for ev in step.evaluations:
                 if ev.inputs is None:
                     u_view = state_view
@@ -154,15 +153,6 @@ class Sampler:
             raise ValueError("sampling produced NaN or inf: the model output contains NaN or inf (or the "
                              "state overflowed); check the model on these inputs and times")
         return state_view.clone()
-
-    def _times_for(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Time tensors [B] for every network call and every step end, cached per batch/dtype/device."""
-        key = (x.shape[0], x.dtype, x.device)
-        if key not in self._time_cache:
-            def full(t: float) -> Tensor:
-                return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-            self._time_cache[key] = ([full(t) for t in self._eval_times], [full(s.t_next) for s in self.plan])
-        return self._time_cache[key]
 
     def _workspace(self, x: Tensor) -> Workspace:
         key = (x.shape, x.dtype, x.device, torch.is_inference_mode_enabled())
@@ -200,7 +190,7 @@ class GraphedSampler:
         sampler._check_input(x, True)
         self.static_x = x.clone()
         self.static_cond = {k: v.clone() if isinstance(v, Tensor) else v for k, v in cond.items()}
-        noise_fn = noise or (lambda ref: torch.randn_like(ref))
+        noise_fn = noise or _gaussian(None)
 
         def run() -> Tensor:
             with torch.no_grad():
