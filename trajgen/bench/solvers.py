@@ -99,8 +99,9 @@ class Problem:
             "start": "x_T = schedule.prior_noise at t = 1 (diffusers: timestep 999), float64",
             "end": "t = 0 (alpha = 1, sigma = 0: clean data)",
             "grid": "trailing: t_i = (n_i + 1) / 1000 with n_i = 999, 999 - 1000/N, ..., then t = 0 "
-                    "(trajgen grid='time', t_end=0; diffusers timestep_spacing='trailing'); trajgen rows "
-                    "with end='final_denoise' use grid='time' from 1 to 1/1000 plus one x0 call there",
+                    "(trajgen: the schedule's default grid='discrete', t_end=0; diffusers timestep_spacing='trailing'); "
+                    "trajgen rows with end='final_denoise' use grid='discrete' from step 999 to step 0 "
+                    "(t = 1/1000) plus one x0 call there",
             "reference": f"DOP853 (rtol 1e-11, atol 1e-13) on the probability-flow ODE from t = 1 to "
                          f"t = {self.t_ref:.3g} (sigma = {sigma_ref:.3g}), then one exact posterior-mean "
                          "step to sigma = 0 (error O(sigma^2) ~ 1e-12)",
