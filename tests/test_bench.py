@@ -126,3 +126,16 @@ def test_dpmsolver_pp2_matches_diffusers_on_the_same_timesteps(steps: int) -> No
     assert rel_rmse(x_trajgen, x_diffusers) < 2e-6
     # a real discretisation error, so the match means something
     assert rel_rmse(x_trajgen, problem.x_ref) > 1e-3
+
+
+def test_order_benchmark_covers_every_deterministic_solver(tmp_path):
+    import json
+
+    from trajgen.bench.orders import run_order_benchmark
+    from trajgen.solvers import SOLVERS
+
+    result = run_order_benchmark(str(tmp_path / "orders.json"))
+    assert json.loads((tmp_path / "orders.json").read_text()) == result
+    covered = {(row["solver"], row["order"]) for row in result["orders"]}
+    assert covered == {(name, o) for name, spec in SOLVERS.items() if not spec.stochastic for o in spec.orders}
+    assert all(row["rel_rmse"][1] < row["rel_rmse"][0] for row in result["orders"])

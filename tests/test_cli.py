@@ -10,7 +10,7 @@ from trajgen.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["demo"], ["bench"], ["bench", "solvers"], ["solvers"], ["train"],
+@pytest.mark.parametrize("args", [[], ["demo"], ["bench"], ["bench", "solvers"], ["bench", "orders"], ["solvers"], ["train"],
                                   ["train", "arcs"]])
 def test_help_everywhere(args):
     result = runner.invoke(app, args + ["--help"])

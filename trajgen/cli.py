@@ -44,6 +44,20 @@ def bench_solvers(
         console.print(f"wrote {out}")
 
 
+@bench_app.command("orders")
+def bench_orders(
+    out: Path | None = typer.Option(None, help="write the results as JSON to this file"),
+) -> None:
+    """Empirical convergence order of every deterministic solver against the exact Gaussian-mixture ODE."""
+    from trajgen.bench.orders import print_order_table, run_order_benchmark
+
+    with console.status("measuring convergence orders"):
+        result = run_order_benchmark(str(out) if out else None)
+    print_order_table(result)
+    if out:
+        console.print(f"wrote {out}")
+
+
 @app.command("solvers")
 def list_solvers() -> None:
     """List the registered solvers with their orders and options."""
