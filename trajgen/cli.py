@@ -14,7 +14,9 @@ app = typer.Typer(help="trajgen: diffusion-based trajectory generation for robot
 bench_app = typer.Typer(help="Benchmarks that print a table and write JSON.", no_args_is_help=True)
 train_app = typer.Typer(help="Training recipes (checkpointed, resumable, torchrun-ready).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+collect_app = typer.Typer(help="Collect datasets (generated locally, never downloaded).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+app.add_typer(collect_app, name="collect")
 console = Console()
 
 
@@ -98,6 +100,24 @@ def train_arcs_command(
     metrics = train_arcs(config, resume=resume)
     shown = {k: v for k, v in metrics.items() if k != "config"}
     console.print_json(json.dumps(shown))
+
+
+@collect_app.command("mujoco")
+def collect_mujoco_command(
+    env: str = typer.Option(..., help="hopper | halfcheetah | walker2d"),
+    level: str = typer.Option(..., help="random | medium | expert | medium-replay | medium-expert | quick"),
+    out: Path = typer.Option(..., help="the D4RL-format HDF5 file to write"),
+    n_steps: int | None = typer.Option(None, help="transitions per part (default 1M; 2k with --quick)"),
+    seed: int = typer.Option(0),
+    policy_dir: Path | None = typer.Option(None, help="behaviour run (default runs/behaviour/<env>)"),
+    quick: bool = typer.Option(False, "--quick", help="tiny behaviour policy and file, for tests"),
+) -> None:
+    """D4RL-format dataset from SAC behaviour policies (trains or resumes them when missing; resumable)."""
+    from trajgen.envs.mujoco import collect_mujoco
+
+    path = collect_mujoco(env, level, out, n_steps=n_steps, seed=seed, policy_dir=policy_dir, quick=quick,
+                          progress=True)
+    console.print(f"wrote {path}")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Datasets: synthetic trajectory distributions with known structure, D4RL-format HDF5 (later: Minari, motion)."""
+"""Datasets: synthetic trajectory distributions with known structure, D4RL-format HDF5 Minari."""
 
 from trajgen.data.d4rl import (
     D4RL_REF_SCORES,
@@ -11,6 +11,7 @@ from trajgen.data.d4rl import (
     load_d4rl,
     write_d4rl,
 )
+from trajgen.data.minari_io import load_minari
 from trajgen.data.synthetic import ArcTrajectories
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "SequenceDataset",
     "d4rl_normalized_score",
     "load_d4rl",
+    "load_minari",
     "write_d4rl",
 ]
