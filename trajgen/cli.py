@@ -17,6 +17,8 @@ app.add_typer(bench_app, name="bench")
 collect_app = typer.Typer(help="Collect datasets (generated locally, never downloaded).", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(collect_app, name="collect")
+eval_app = typer.Typer(help="Evaluate trained policies in their environments.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 console = Console()
 
 
@@ -100,6 +102,56 @@ def train_arcs_command(
     metrics = train_arcs(config, resume=resume)
     shown = {k: v for k, v in metrics.items() if k != "config"}
     console.print_json(json.dumps(shown))
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """``["field=value", ...]`` -> {field: value}; values are read as YAML scalars/lists (safe_load)."""
+    import yaml
+
+    overrides: dict[str, object] = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep or not field:
+            raise typer.BadParameter(f"--set expects field=value, got {pair!r}")
+        overrides[field.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+@train_app.command("offline")
+def train_offline_command(
+    algo: str = typer.Option(..., help="trajectory-diffuser | decision-diffuser | decision-transformer | "
+                             "behavior-cloning"),
+    dataset: Path = typer.Option(..., help="a D4RL-format HDF5 file (trajgen collect mujoco, or real D4RL)"),
+    out_dir: Path = typer.Option(..., help="run directory: policy.safetensors, checkpoints/"),
+    steps: int = typer.Option(100_000, help="optimizer updates"),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in out_dir"),
+    overrides: list[str] = typer.Option([], "--set", help="config override field=value (repeatable)"),
+    device: str | None = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
+) -> None:
+    """Train an offline-RL planner or baseline on a D4RL-format dataset (checkpointed, resumable)."""
+    from trajgen.policies.offline import make_config, train_offline
+
+    config = make_config(algo, **_parse_overrides(overrides))
+    _, summary = train_offline(config, dataset, out_dir, steps, seed=seed, resume=resume, device=device,
+                               progress=True)
+    console.print_json(json.dumps(summary, default=str))
+
+
+@eval_app.command("offline")
+def eval_offline_command(
+    policy: Path = typer.Option(..., help="policy.safetensors (or its run directory)"),
+    env: str = typer.Option(..., help="Gymnasium id, e.g. Hopper-v5"),
+    episodes: int = typer.Option(20, help="episodes, run batched over a vector env"),
+    seed: int = typer.Option(0),
+    device: str | None = typer.Option(None),
+) -> None:
+    """Normalised score (mean and standard error), returns and env steps/s of a trained offline policy."""
+    from trajgen.agents.offline import evaluate
+    from trajgen.policies.offline import load_policy
+
+    result = evaluate(load_policy(policy, env=env, device=device), env, episodes, seed=seed, device=device)
+    console.print_json(json.dumps(result, default=str))
 
 
 @collect_app.command("mujoco")

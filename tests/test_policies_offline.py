@@ -1,0 +1,280 @@
+"""Offline policies: Trajectory Diffuser, Decision Diffuser, DT-style, BC; training, checkpoints, evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from trajgen.agents.offline import OfflineAgent, decision_latency, evaluate
+from trajgen.data import load_d4rl, write_d4rl
+from trajgen.policies.offline import (
+    ALGORITHMS,
+    BehaviorCloningConfig,
+    DecisionDiffuserConfig,
+    TrajectoryDiffuserConfig,
+    build_policy,
+    load_policy,
+    make_config,
+    read_policy_metadata,
+    returns_to_go,
+    save_policy,
+    train_offline,
+)
+
+S, A = 4, 2
+A_SYS = np.array([[0.9, 0.2, 0.0, 0.0], [-0.2, 0.9, 0.0, 0.0], [0.0, 0.0, 0.8, 0.3], [0.0, 0.0, -0.3, 0.8]])
+B_SYS = np.array([[1.0, 0.0], [0.0, 0.5], [0.5, 1.0], [0.0, -1.0]])
+TINY = {"horizon": 8, "unet_base_dim": 8, "unet_dim_mults": (1, 2), "diffusion_steps": 100, "gpt_width": 32,
+        "gpt_depth": 1, "gpt_heads": 2, "invdyn_hidden": 64, "invdyn_depth": 1, "sample_steps": 3, "batch_size": 32,
+        "warmup_steps": 20}
+
+
+def linear_system(n_episodes: int, length: int, seed: int) -> dict[str, np.ndarray]:
+    """Rollouts of s' = A s + B a with uniform random actions: the exact inverse is a = pinv(B) (s' - A s)."""
+    rng = np.random.default_rng(seed)
+    obs, acts, nxt = [], [], []
+    for _ in range(n_episodes):
+        s = rng.standard_normal(S)
+        for _ in range(length):
+            a = rng.uniform(-1, 1, A)
+            s_next = A_SYS @ s + B_SYS @ a
+            obs.append(s), acts.append(a), nxt.append(s_next)
+            s = s_next
+    obs, nxt = np.asarray(obs), np.asarray(nxt)
+    n = len(obs)
+    ends = np.zeros(n, dtype=bool)
+    ends[length - 1::length] = True
+    return {"observations": obs, "actions": np.asarray(acts), "next_observations": nxt,
+            "rewards": -0.1 * (obs**2).sum(1), "terminals": np.zeros(n, dtype=bool), "timeouts": ends}
+
+
+@pytest.fixture(scope="module")
+def linear_file(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("data") / "linear.hdf5"
+    return write_d4rl(path, linear_system(30, 40, seed=0), env="Linear-v0", policy="uniform", seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small nets on a shared CPU: one intra-op thread is fastest and avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained_td(linear_file, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny Trajectory Diffuser trained jointly (GPT + UNet + inverse dynamics) for 150 updates."""
+    out = tmp_path_factory.mktemp("td")
+    config = TrajectoryDiffuserConfig(**TINY, lr=3e-3, ema_decay=0.9, checkpoint_every=150)
+    policy, summary = train_offline(config, linear_file, out, steps=150, seed=0, device="cpu")
+    return policy, summary, out
+
+
+def tiny(algorithm: str, **overrides):
+    """An untrained policy of ``algorithm`` with the TINY nets (fields the algorithm has)."""
+    fields = {f.name for f in dataclasses.fields(ALGORITHMS[algorithm])} & set(TINY) - set(overrides)
+    torch.manual_seed(0)
+    return build_policy(make_config(algorithm, **{k: TINY[k] for k in fields}, **overrides), S, A, env_id="Linear-v0")
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def test_inverse_dynamics_recovers_exact_actions(trained_td) -> None:
+    policy, summary, _ = trained_td
+    assert summary["step"] == 150 and np.isfinite(summary["final_loss"])
+    data = linear_system(5, 40, seed=123)                       # held-out transitions
+    s, s_next = torch.tensor(data["observations"]).float(), torch.tensor(data["next_observations"]).float()
+    model = policy.model
+    with torch.no_grad():
+        pair = torch.cat([model.normalize_states(s), model.normalize_states(s_next)], -1)
+        predicted = model.unnormalize_actions(model.inverse_dynamics(pair)).numpy()
+    exact = np.linalg.lstsq(B_SYS, (data["next_observations"] - data["observations"] @ A_SYS.T).T, rcond=None)[0].T
+    np.testing.assert_allclose(exact, data["actions"], atol=1e-9)   # the reference itself is exact
+    rmse = np.sqrt(((predicted - exact) ** 2).mean())
+    assert rmse < 0.1 * exact.std(), f"inverse-dynamics RMSE {rmse:.3f} vs action std {exact.std():.3f}"
+
+
+def test_returns_to_go_closed_form(linear_file) -> None:
+    ds = load_d4rl(linear_file)
+    rtg = returns_to_go(ds, discount=0.5)
+    r = ds.rewards[:40].astype(np.float64)
+    expected_first = sum(0.5**k * r[k] for k in range(40))
+    assert rtg[0] == pytest.approx(expected_first, rel=1e-9)
+    assert rtg[39] == pytest.approx(r[39], rel=1e-6)          # last step of episode 0: no carry into episode 1
+    assert rtg[38] == pytest.approx(r[38] + 0.5 * r[39], rel=1e-6)
+    undiscounted = returns_to_go(ds)
+    starts = [s for s, _ in ds.episodes()]
+    np.testing.assert_allclose(undiscounted[starts], ds.episode_returns(), rtol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def test_refine_with_t_mid_zero_returns_the_draft() -> None:
+    policy = tiny("trajectory-diffuser")
+    states, cond = torch.randn(3, S), torch.rand(3, 1)
+    draft = policy.draft(states, cond)
+    assert draft.shape == (3, 8, S)
+    assert torch.equal(policy.refine(draft, cond, t_mid=0.0, steps=3), draft)
+    t_small = 2.0 * policy.model.schedule.t_end_default
+    near = policy.refine(draft, cond, t_mid=t_small, steps=1, generator=torch.Generator().manual_seed(0))
+    sigma = float(policy.model.schedule.sigma(t_small))
+    assert 0 < (near - draft).abs().max() < 10 * sigma       # continuous in t_mid: moves by O(sigma)
+
+
+def test_refine_from_t_mid_one_is_decision_diffuser_sampling() -> None:
+    policy = tiny("trajectory-diffuser", guidance_scale=1.7)
+    states, cond = torch.randn(2, S), torch.rand(2, 1)
+    draft = policy.draft(states, cond)
+    refined = policy.refine(draft, cond, t_mid=1.0, steps=6, generator=torch.Generator().manual_seed(7))
+    diffused = policy.diffuse(states, cond, steps=6, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(refined, diffused, rtol=0, atol=1e-6)
+    other = torch.cat([draft[:, :1], torch.randn_like(draft[:, 1:])], dim=1)   # same s_0, another draft
+    other_draft = policy.refine(other, cond, t_mid=1.0, steps=6,
+                                generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(other_draft, diffused, rtol=0, atol=1e-6)  # the draft is forgotten
+
+
+@pytest.mark.parametrize("algorithm", ["trajectory-diffuser", "decision-diffuser", "decision-transformer"])
+def test_first_state_of_every_plan_is_the_current_state(algorithm: str) -> None:
+    policy = tiny(algorithm)
+    states, cond = torch.randn(5, S), torch.rand(5, 1)
+    plan = policy.plan_normalized(states, cond, generator=torch.Generator().manual_seed(1))
+    assert plan.shape == (5, 8, S)
+    assert torch.equal(plan[:, 0], states)
+    assert not torch.equal(plan[:, 1], states)
+    obs = torch.randn(5, S) * 3 + 1
+    assert torch.equal(policy.plan(obs)[:, 0], obs)
+
+
+def test_guidance_scale_one_is_the_conditional_model() -> None:
+    policy = tiny("decision-diffuser")
+    unet = policy.model.unet
+    x, t, cond = torch.randn(3, 8, S), torch.rand(3), torch.rand(3, 1)
+    with torch.no_grad():
+        conditional = unet(x, t, cond=cond)
+        unconditional = unet(x, t, cond=cond, cond_mask=torch.zeros(3, dtype=torch.bool))
+        torch.testing.assert_close(policy.denoiser(1.0)(x, t, cond=cond), conditional, rtol=0, atol=0)
+        guided = policy.denoiser(2.5)(x, t, cond=cond)
+    torch.testing.assert_close(guided, unconditional + 2.5 * (conditional - unconditional), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(conditional, unconditional)   # the null embedding really differs
+    states = torch.randn(3, S)
+    a = policy.diffuse(states, cond, steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(3))
+    pin = policy._first_state(states)
+    x1 = pin(policy.model.schedule.prior_noise((3, 8, S), generator=torch.Generator().manual_seed(3)), None)
+    b = policy.sampler(1.0, 4)(lambda x_t, t_, cond: unet(x_t, t_, cond=cond), x1, constraint=pin, cond=cond)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_decisions_and_nfe() -> None:
+    td, dd = tiny("trajectory-diffuser"), tiny("decision-diffuser", sample_steps=20)
+    assert dd.nfe == dd.sampler(1.0, 20).nfe + 1 >= 21
+    assert td.nfe == 7 + td.sampler(0.3, 3).nfe + 1
+    for policy in (td, dd, tiny("decision-transformer"), tiny("behavior-cloning")):
+        actions = OfflineAgent(policy, seed=0).act(np.random.default_rng(0).standard_normal((4, S)))
+        assert actions.shape == (4, A) and actions.dtype == np.float64 and np.isfinite(actions).all()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_act_rejects_wrong_observation_shapes() -> None:
+    agent = OfflineAgent(tiny("behavior-cloning"))
+    with pytest.raises(ValueError, match=r"obs must have shape \[B, 4\].*obs\[None\]"):
+        agent.act(np.zeros(S))
+    with pytest.raises(ValueError, match=r"\[B, 4\]"):
+        agent.act(np.zeros((2, S + 1)))
+    with pytest.raises(ValueError, match="finite"):
+        agent.act(np.full((1, S), np.nan))
+    with pytest.raises(ValueError, match="returns_to_go"):
+        tiny("trajectory-diffuser").act(torch.zeros(2, S), torch.zeros(3))
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        make_config("diffuser")
+    with pytest.raises(ValueError, match="no field"):
+        make_config("behavior-cloning", horizon=4)
+    with pytest.raises(ValueError, match="t_mid"):
+        TrajectoryDiffuserConfig(t_mid=1.5)
+    with pytest.raises(ValueError, match="solver"):
+        DecisionDiffuserConfig(solver="nope")
+    with pytest.raises(ValueError, match="horizon"):
+        TrajectoryDiffuserConfig(horizon=1)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_round_trip_and_mismatch(trained_td) -> None:
+    policy, _, out = trained_td
+    meta = read_policy_metadata(out)
+    assert meta["algorithm"] == "trajectory-diffuser" and meta["env"] == "Linear-v0"
+    assert (meta["obs_dim"], meta["act_dim"]) == (S, A) and meta["config"]["t_mid"] == 0.3
+    loaded = load_policy(out, algorithm="trajectory-diffuser", env="Linear-v0")
+    obs = np.random.default_rng(5).standard_normal((3, S))
+    np.testing.assert_array_equal(OfflineAgent(loaded, seed=1).act(obs), OfflineAgent(policy, seed=1).act(obs))
+    assert loaded.default_return == pytest.approx(policy.default_return) and loaded.default_return != 0
+    with pytest.raises(ValueError, match="'trajectory-diffuser' policy, not 'decision-diffuser'"):
+        load_policy(out, algorithm="decision-diffuser")
+    with pytest.raises(ValueError, match="env 'Linear-v0', not 'Hopper-v5'"):
+        load_policy(out / "policy.safetensors", env="Hopper-v5")
+    with pytest.raises(ValueError, match="not a trajgen offline policy"):
+        load_policy(out / "checkpoints" / "step_00000150" / "model.safetensors")
+
+
+def test_training_resumes(linear_file, tmp_path) -> None:
+    config = BehaviorCloningConfig(hidden_dim=32, depth=1, batch_size=16, warmup_steps=2, checkpoint_every=5)
+    _, first = train_offline(config, linear_file, tmp_path, steps=5, seed=0, device="cpu")
+    policy, second = train_offline(config, linear_file, tmp_path, steps=8, seed=0, resume=True, device="cpu")
+    assert first["step"] == 5 and second["step"] == 8 and len(second["history"]["step"]) <= 3
+    save_policy(policy, tmp_path / "bc.safetensors")
+    assert read_policy_metadata(tmp_path / "bc.safetensors")["algorithm"] == "behavior-cloning"
+    with pytest.raises(ValueError, match="algorithm='behavior-cloning'"):
+        train_offline(TrajectoryDiffuserConfig(**TINY), linear_file, tmp_path, steps=2, resume=True)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def test_evaluate_hopper_counts_episodes_and_matches_a_single_env_rollout() -> None:
+    import gymnasium as gym
+
+    torch.manual_seed(0)
+    policy = build_policy(BehaviorCloningConfig(hidden_dim=32, depth=1), 11, 3, env_id="Hopper-v5")
+    result = evaluate(policy, "Hopper-v5", n_episodes=3, seed=10, num_envs=2, max_episode_steps=25)
+    assert result["episodes"] == 3 and len(result["returns"]) == len(result["lengths"]) == 3
+    assert all(1 <= n <= 25 for n in result["lengths"]) and result["env_steps"] == sum(result["lengths"])
+    assert result["policy_calls"] == max(result["lengths"][:2]) + result["lengths"][2]   # one call per step
+    assert np.isfinite([result["return_mean"], result["return_se"], result["score_mean"], result["score_se"],
+                        result["env_steps_per_s"]]).all()
+    # episode 2 (seed 12), replayed alone in a plain env, gives the same return and length
+    env = gym.make("Hopper-v5", max_episode_steps=25)
+    obs, _ = env.reset(seed=12)
+    agent, total, steps, done = OfflineAgent(policy), 0.0, 0, False
+    while not done:
+        action = np.clip(agent.act(obs[None])[0], env.action_space.low, env.action_space.high)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        total, steps, done = total + reward, steps + 1, terminated or truncated
+    assert result["lengths"][2] == steps
+    assert result["returns"][2] == pytest.approx(total, rel=1e-5)
+    expected_score = 100 * (np.mean(result["returns"]) + 20.272305) / (3234.3 + 20.272305)
+    assert result["score_mean"] == pytest.approx(expected_score)
+
+
+def test_evaluate_diffusion_planner_and_env_mismatch() -> None:
+    torch.manual_seed(0)
+    config = TrajectoryDiffuserConfig(**TINY)
+    policy = build_policy(config, 11, 3, env_id="Hopper-v5")
+    result = evaluate(policy, "Hopper-v5", n_episodes=2, seed=0, max_episode_steps=4)
+    assert result["episodes"] == 2 and np.isfinite(result["returns"]).all() and max(result["lengths"]) <= 4
+    with pytest.raises(ValueError, match="cannot evaluate it in 'Walker2d-v5'"):
+        evaluate(policy, "Walker2d-v5", n_episodes=1)
+    latency = decision_latency(policy, 11, n=5, warmup=1)
+    assert 0 < latency["median_ms"] <= latency["p99_ms"] and latency["nfe"] == policy.nfe
