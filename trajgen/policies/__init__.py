@@ -1,6 +1,22 @@
 """Policies: the method families (anchored truncated diffusion, vanilla diffusion, regression for driving; the
 Trajectory Diffuser and its offline-RL baselines). Each is model + loss + sample; no env code here."""
 
+from trajgen.policies.anchors import TrajectoryNormalizer, kmeans_anchors, nearest_anchor, trajectory_bounds
+from trajgen.policies.driving import (
+    AnchoredDiffusionConfig,
+    AnchoredDiffusionPolicy,
+    DrivingPlan,
+    DrivingPolicy,
+    DrivingPolicyConfig,
+    DrivingSamples,
+    RegressionConfig,
+    RegressionPolicy,
+    VanillaDiffusionConfig,
+    VanillaDiffusionPolicy,
+    load_driving_policy,
+    sigmoid_focal_loss,
+    train_driving_policy,
+)
 from trajgen.policies.offline import (
     ALGORITHMS,
     BehaviorCloningConfig,
@@ -21,18 +37,35 @@ from trajgen.policies.offline import (
 
 __all__ = [
     "ALGORITHMS",
+    "AnchoredDiffusionConfig",
+    "AnchoredDiffusionPolicy",
     "BehaviorCloningConfig",
     "BehaviorCloningPolicy",
     "DecisionDiffuserConfig",
     "DecisionDiffuserPolicy",
     "DecisionTransformerConfig",
     "DecisionTransformerPolicy",
+    "DrivingPlan",
+    "DrivingPolicy",
+    "DrivingPolicyConfig",
+    "DrivingSamples",
     "OfflinePolicy",
+    "RegressionConfig",
+    "RegressionPolicy",
     "TrajectoryDiffuserConfig",
     "TrajectoryDiffuserPolicy",
+    "TrajectoryNormalizer",
+    "VanillaDiffusionConfig",
+    "VanillaDiffusionPolicy",
     "build_policy",
+    "kmeans_anchors",
+    "load_driving_policy",
     "load_policy",
     "make_config",
+    "nearest_anchor",
     "save_policy",
+    "sigmoid_focal_loss",
+    "train_driving_policy",
     "train_offline",
+    "trajectory_bounds",
 ]

@@ -1,0 +1,416 @@
+"""Driving policies: focal loss, anchors, truncated training, masking, anchored inference, a multi-modal task,
+checkpoints, data set and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trajgen.policies.anchors import TrajectoryNormalizer, kmeans_anchors, nearest_anchor, trajectory_bounds
+from trajgen.policies.driving import (
+    AnchoredDiffusionConfig,
+    AnchoredDiffusionPolicy,
+    DrivingPolicy,
+    DrivingSamples,
+    RegressionConfig,
+    RegressionPolicy,
+    VanillaDiffusionConfig,
+    VanillaDiffusionPolicy,
+    sigmoid_focal_loss,
+    train_driving_policy,
+)
+from trajgen.policies.scene_encoder import ObservationSpec, SceneEncoder, validate_observation
+
+SMALL = {"n_agents": 3, "n_lanes": 2, "lane_points": 4, "d_model": 32, "heads": 2, "encoder_layers": 1,
+         "mlp_ratio": 2.0}
+SPEC = ObservationSpec(n_agents=3, n_lanes=2, lane_points=4)
+TIMES = torch.arange(1, 9) * 0.5
+
+
+def random_obs(batch: int, spec: ObservationSpec = SPEC, generator: torch.Generator | None = None,
+               command: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    g = generator
+    if command is None:
+        command = torch.randint(0, spec.n_commands, (batch,), generator=g)
+    return {
+        "ego": torch.randn(batch, spec.ego_features, generator=g),
+        "command": F.one_hot(command, spec.n_commands).float(),
+        "agents": torch.randn(batch, spec.n_agents, spec.agent_features, generator=g) * 10,
+        "agents_mask": (torch.rand(batch, spec.n_agents, generator=g) > 0.4).to(torch.int8),
+        "lanes": torch.randn(batch, spec.n_lanes, spec.lane_points, 2, generator=g) * 10,
+        "lanes_mask": (torch.rand(batch, spec.n_lanes, generator=g) > 0.3).to(torch.int8),
+    }
+
+
+def plan_from_lateral(lateral: torch.Tensor, speed: torch.Tensor) -> torch.Tensor:
+    """Plans [B, 8, 3] with x = speed t, y = lateral(t) [B, 8], heading along the path."""
+    x = speed[:, None] * TIMES
+    dy = torch.gradient(lateral, spacing=(TIMES,), dim=1)[0]
+    heading = torch.atan2(dy, speed[:, None].expand_as(dy))
+    return torch.stack([x, lateral, heading], dim=-1)
+
+
+def smoothstep(t: torch.Tensor, end: float) -> torch.Tensor:
+    s = (t / end).clamp(max=1.0)
+    return s * s * (3 - 2 * s)
+
+
+# ---------------------------------------------------------------------------------------------- losses, anchors
+
+
+def test_focal_loss_matches_hand_computed_values() -> None:
+    logits = torch.tensor([0.0, 2.0, -1.0])
+    targets = torch.tensor([1.0, 0.0, 1.0])
+    p = [0.5, 1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0))]
+    expected = [
+        0.25 * (1 - p[0]) ** 2 * -math.log(p[0]),       # positive: alpha (1 - p)^2 (-log p)
+        0.75 * p[1] ** 2 * -math.log(1 - p[1]),          # negative: (1 - alpha) p^2 (-log(1 - p))
+        0.25 * (1 - p[2]) ** 2 * -math.log(p[2]),
+    ]
+    got = sigmoid_focal_loss(logits, targets, gamma=2.0, alpha=0.25)
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-6, atol=1e-7)
+    assert abs(expected[1] - 1.2375) < 1e-3  # 0.75 * 0.8808^2 * log(1 + e^2)
+
+
+def test_nearest_anchor_uses_mean_xy_distance_only() -> None:
+    speed = torch.full((3,), 8.0)
+    anchors = plan_from_lateral(torch.stack([0 * TIMES, 4 * smoothstep(TIMES, 4), -4 * smoothstep(TIMES, 4)]), speed)
+    truth = anchors[[1, 2, 0]] + torch.tensor([0.3, -0.4, 0.0])
+    truth[..., 2] = 3.0  # headings are ignored by the assignment (as DiffusionDrive's xy distance)
+    assert nearest_anchor(truth, anchors).tolist() == [1, 2, 0]
+    # a plan half-way between two anchors (by mean distance) is assigned to the strictly closer one
+    between = 0.45 * anchors[1] + 0.55 * anchors[0]
+    assert nearest_anchor(between[None], anchors).tolist() == [0]
+
+
+def test_kmeans_anchors_recovers_cluster_centres_and_circular_mean_heading() -> None:
+    g = torch.Generator().manual_seed(0)
+    speed = 8 + 0.2 * torch.randn(300, generator=g)
+    which = torch.tensor([0] * 150 + [1] * 100 + [2] * 50)
+    lateral = torch.stack([0 * TIMES, 6 * smoothstep(TIMES, 4), -6 * smoothstep(TIMES, 4)])[which]
+    plans = plan_from_lateral(lateral, speed)
+    anchors = kmeans_anchors(plans, k=3, seed=0)
+    assert anchors.shape == (3, 8, 3)
+    for slot, cluster in enumerate([0, 1, 2]):  # sorted by size
+        members = plans[which == cluster]
+        torch.testing.assert_close(anchors[slot, :, :2], members[..., :2].mean(0), atol=1e-4, rtol=0)
+        heading = torch.atan2(members[..., 2].sin().mean(0), members[..., 2].cos().mean(0))
+        torch.testing.assert_close(anchors[slot, :, 2], heading, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="at least k=3"):
+        kmeans_anchors(plans[:2], k=3)
+    with pytest.raises(ValueError, match=r"\[S, H, 3\]"):
+        kmeans_anchors(plans[..., :2], k=3)
+
+
+def test_normalizer_round_trip_and_bounds() -> None:
+    low, high = trajectory_bounds(torch.tensor([[[0.0, -10.0, -1.0], [50.0, 10.0, 1.0]]]), margin=0.0)
+    assert low == [0.0, -10.0, -1.0] and high == [50.0, 10.0, 1.0]
+    norm = TrajectoryNormalizer(low, high)
+    x = torch.tensor([[0.0, -10.0, -1.0], [50.0, 10.0, 1.0], [25.0, 0.0, 0.0]])
+    torch.testing.assert_close(norm.normalize(x), torch.tensor([[-1.0] * 3, [1.0] * 3, [0.0] * 3]))
+    torch.testing.assert_close(norm.denormalize(norm.normalize(x)), x)
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+
+
+def test_masked_tokens_do_not_influence_anything() -> None:
+    torch.manual_seed(0)
+    encoder = SceneEncoder(SPEC, width=32, layers=2, heads=2).eval()
+    obs = random_obs(4, generator=torch.Generator().manual_seed(1))
+    obs["agents_mask"][:, 0] = 1
+    obs["agents_mask"][:, -1] = 0
+    obs["lanes_mask"][:, 0], obs["lanes_mask"][:, -1] = 1, 0
+    tokens, mask = encoder(obs)
+    changed = {k: v.clone() for k, v in obs.items()}
+    changed["agents"][:, -1] = torch.randn_like(changed["agents"][:, -1]) * 100
+    changed["lanes"][:, -1] = torch.randn_like(changed["lanes"][:, -1]) * 100
+    tokens2, mask2 = encoder(changed)
+    assert torch.equal(mask, mask2)
+    torch.testing.assert_close(tokens2, tokens, rtol=0, atol=1e-6)
+    assert bool((tokens[~mask] == 0).all())
+    # ...while a valid agent does change every token (so the check above can fail)
+    changed["agents"][:, 0] += 5.0
+    tokens3, _ = encoder(changed)
+    assert (tokens3[:, 0] - tokens[:, 0]).abs().max() > 1e-3
+    # the whole policy's plan is invariant too
+    torch.manual_seed(0)
+    policy = RegressionPolicy(RegressionConfig(**SMALL))
+    moved = {k: v.clone() for k, v in obs.items()}
+    moved["agents"][:, -1] = 1e3
+    torch.testing.assert_close(policy.plan(obs).trajectory, policy.plan(moved).trajectory, rtol=0, atol=1e-5)
+
+
+def test_bad_observations_raise_clear_errors() -> None:
+    obs = random_obs(2)
+    with pytest.raises(ValueError, match="missing key.*'lanes'"):
+        validate_observation({k: v for k, v in obs.items() if k != "lanes"}, SPEC)
+    with pytest.raises(ValueError, match=r"observation\['agents'\] must have shape \[B, 3, 8\]"):
+        validate_observation({**obs, "agents": obs["agents"][:, :2]}, SPEC)
+    bad = {**obs, "lanes": obs["lanes"].clone()}
+    bad["lanes"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"observation\['lanes'\] contains NaN"):
+        validate_observation(bad, SPEC)
+    with pytest.raises(ValueError, match="one-hot"):
+        validate_observation({**obs, "command": torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])}, SPEC)
+    with pytest.raises(ValueError, match="agents_mask.*0 and 1"):
+        validate_observation({**obs, "agents_mask": obs["agents_mask"] * 2 + 2}, SPEC)
+    single = validate_observation({k: v[0].numpy() for k, v in obs.items()}, SPEC)
+    assert single["agents"].shape == (1, 3, 8) and single["agents_mask"].dtype == torch.bool
+    policy = RegressionPolicy(RegressionConfig(**SMALL))
+    with pytest.raises(ValueError, match=r"batch\['trajectory'\] must have shape"):
+        policy.loss({**obs, "trajectory": torch.zeros(2, 7, 3)})
+
+
+# ---------------------------------------------------------------------------------------------- anchored diffusion
+
+
+def small_anchored(**kwargs) -> AnchoredDiffusionPolicy:
+    speed = torch.tensor([6.0, 8.0, 8.0, 8.0])
+    lateral = torch.stack([0 * TIMES, 0 * TIMES, 4 * smoothstep(TIMES, 3), -4 * smoothstep(TIMES, 3)])
+    config = AnchoredDiffusionConfig(**{**SMALL, "n_anchors": 4, **kwargs})
+    return AnchoredDiffusionPolicy(config, plan_from_lateral(lateral, speed))
+
+
+def test_truncated_training_draws_only_steps_below_truncation() -> None:
+    torch.manual_seed(0)
+    policy = small_anchored()
+    seen: list[torch.Tensor] = []
+    policy.decoder.register_forward_hook(lambda module, args, out: seen.append(args[1].detach().clone()))
+    obs = random_obs(256)
+    batch = {**obs, "trajectory": policy.anchors[torch.randint(0, 4, (256,))]}
+    for _ in range(4):
+        out = policy.loss(batch)
+    assert torch.isfinite(out["loss"]) and {"cls_loss_0", "reg_loss_1"} <= set(out)
+    steps = policy.schedule.step_of_time(torch.cat(seen).double()).round().long()
+    assert steps.min() >= 0 and steps.max() <= 49
+    assert len(steps.unique()) >= 45  # uniform over the 50 truncated steps, not a constant
+
+
+class IdentityDecoder(nn.Module):
+    """x0 = x_t / alpha(t) (exact for zero noise), logits favouring one anchor; records its calls."""
+
+    def __init__(self, schedule, favourite: int, n_anchors: int, stages: int = 2) -> None:
+        super().__init__()
+        self.schedule, self.favourite, self.n_anchors, self.stages = schedule, favourite, n_anchors, stages
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x_t, t, scene):
+        self.calls.append((x_t.clone(), t.clone()))
+        x0 = x_t / self.schedule.alpha(t.double()).float().view(-1, 1, 1, 1)
+        logits = torch.full((x_t.shape[0], self.n_anchors), -3.0)
+        logits[:, self.favourite] = 3.0
+        return [(x0, logits)] * self.stages
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_anchored_inference_starts_from_noised_anchors_and_calls_the_network_steps_times(steps: int) -> None:
+    policy = small_anchored(steps=steps)
+    stub = IdentityDecoder(policy.schedule, favourite=2, n_anchors=4)
+    policy.decoder = stub
+    obs = random_obs(3)
+    plan = policy.plan(obs, noise=torch.zeros(3, 4, 8, 3))
+    assert policy.nfe == steps and len(stub.calls) == steps
+    first_x, first_t = stub.calls[0]
+    alpha8 = float(policy.schedule.alpha(torch.tensor(9 / 1000, dtype=torch.float64)))
+    torch.testing.assert_close(first_t, torch.full((3,), 9 / 1000))  # step 8 sits at t = 9 / 1000
+    torch.testing.assert_close(first_x, alpha8 * policy.normalizer.normalize(policy.anchors).expand(3, -1, -1, -1))
+    torch.testing.assert_close(plan.modes, policy.anchors.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(plan.trajectory, policy.anchors[2].expand(3, -1, -1), atol=1e-4, rtol=0)
+    assert plan.scores.shape == (3, 4) and bool((plan.scores.argmax(-1) == 2).all())
+    # with real noise the start is alpha * anchor + sigma * noise
+    noise = torch.randn(3, 4, 8, 3)
+    stub.calls.clear()
+    policy.plan(obs, noise=noise)
+    sigma8 = float(policy.schedule.sigma(torch.tensor(9 / 1000, dtype=torch.float64)))
+    expected = alpha8 * policy.normalizer.normalize(policy.anchors) + sigma8 * noise
+    torch.testing.assert_close(stub.calls[0][0], expected)
+
+
+def test_anchored_plan_is_reproducible_with_a_generator() -> None:
+    torch.manual_seed(0)
+    policy = small_anchored()
+    obs = random_obs(2)
+    a = policy.plan(obs, torch.Generator().manual_seed(5))
+    b = policy.plan(obs, torch.Generator().manual_seed(5))
+    assert torch.equal(a.modes, b.modes) and torch.equal(a.scores, b.scores)
+    assert a.trajectory.shape == (2, 8, 3) and a.modes.shape == (2, 4, 8, 3)
+
+
+# ---------------------------------------------------------------------------------------------- multi-modal task
+
+
+def multimodal_batch(batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """left -> turn left, right -> turn right, straight -> lane change left or right with probability 1/2."""
+    command = torch.randint(0, 3, (batch,), generator=g)
+    obs = random_obs(batch, generator=g, command=command)
+    coin = torch.randint(0, 2, (batch,), generator=g) * 2 - 1
+    lateral = torch.where(command == 0, 10.0, torch.where(command == 2, -10.0, 4.0 * coin.float()))
+    ramp = torch.where(command[:, None] == 1, smoothstep(TIMES, 2.5), smoothstep(TIMES, 4.0))
+    speed = 8.0 + 0.3 * torch.randn(batch, generator=g)
+    obs["ego"][:, 0] = speed
+    obs["trajectory"] = plan_from_lateral(lateral[:, None] * ramp, speed)
+    return obs
+
+
+def ade(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(a[..., :2] - b[..., :2], dim=-1).mean(-1)
+
+
+def train(policy: DrivingPolicy, steps: int, g: torch.Generator, lr: float) -> None:
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = policy.loss(multimodal_batch(64, g))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_multimodal_task_anchored_covers_both_modes_while_regression_averages(one_thread) -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    plans = multimodal_batch(600, g)["trajectory"]
+    anchored = AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**{**SMALL, "n_anchors": 4}, point_embedding_dim=16,
+                                                               norm_low=(-2, -15, -1.5), norm_high=(40, 15, 1.5)),
+                                       kmeans_anchors(plans, k=4, seed=0))
+    regression = RegressionPolicy(RegressionConfig(**SMALL, norm_low=(-2, -15, -1.5), norm_high=(40, 15, 1.5)))
+    # the focal classifier sits on a plateau (constant confidences) for ~300 steps before it uses the command
+    train(anchored, 700, g, lr=1e-3)
+    train(regression, 300, g, lr=2e-3)
+
+    test = multimodal_batch(90, torch.Generator().manual_seed(123))
+    command = test["command"].argmax(-1)
+    plan = anchored.plan(test, torch.Generator().manual_seed(0))
+    speed = torch.full((1,), 8.0)
+    mode_left, mode_right = (plan_from_lateral(s * 4.0 * smoothstep(TIMES, 2.5)[None], speed)[0] for s in (1, -1))
+    turns = command != 1
+    errors = ade(plan.trajectory[turns], test["trajectory"][turns])  # the wrong turn would be ~11 m off
+    assert errors.max() < 2.5 and errors.mean() < 1.0
+    straight = ~turns
+    best = plan.trajectory[straight]
+    to_modes = torch.stack([ade(best, mode_left), ade(best, mode_right)]).min(0).values
+    assert to_modes.max() < 2.0, to_modes  # the chosen plan is one of the two lane changes, not their average
+    modes = plan.modes[straight]
+    assert ade(modes, mode_left).min(-1).values.max() < 2.0  # both lane changes are among the modes
+    assert ade(modes, mode_right).min(-1).values.max() < 2.0
+    # best-of-modes error against the actual lane change, vs regression's one plan: L1 regression lands between
+    # the lane changes (or on one of them, L1 fits a median), about 3 m from the sampled one on average
+    assert ade(modes, test["trajectory"][straight][:, None]).min(-1).values.mean() < 1.0
+    reg = regression.plan(test)
+    assert ade(reg.trajectory[turns], test["trajectory"][turns]).mean() < 1.0  # it did learn the turns
+    assert ade(reg.trajectory[straight], test["trajectory"][straight]).mean() > 2.0
+
+
+# ---------------------------------------------------------------------------------------------- vanilla, checkpoints
+
+
+def test_vanilla_policy_samples_distinct_modes_in_20_steps() -> None:
+    torch.manual_seed(0)
+    policy = VanillaDiffusionPolicy(VanillaDiffusionConfig(**SMALL, denoiser_width=32, denoiser_depth=1, n_modes=5))
+    obs = random_obs(2)
+    out = policy.loss({**obs, "trajectory": torch.randn(2, 8, 3)})
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    plan = policy.plan(obs, torch.Generator().manual_seed(0))
+    assert policy.nfe == 20 and plan.modes.shape == (2, 5, 8, 3) and plan.scores is None
+    assert torch.equal(plan.trajectory, plan.modes[:, 0])
+    assert (plan.modes[:, 0] - plan.modes[:, 1]).abs().max() > 1e-2
+
+
+def test_checkpoint_round_trip_and_mismatch_errors(tmp_path) -> None:
+    torch.manual_seed(0)
+    policy = small_anchored()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = policy.save(tmp_path / "anchored.safetensors")
+    loaded = DrivingPolicy.load(path)
+    assert type(loaded) is AnchoredDiffusionPolicy and loaded.config == policy.config
+    for key, value in policy.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    obs = random_obs(2)
+    a, b = policy.plan(obs, torch.Generator().manual_seed(1)), loaded.plan(obs, torch.Generator().manual_seed(1))
+    assert torch.equal(a.modes, b.modes) and torch.equal(a.scores, b.scores)
+    assert torch.equal(AnchoredDiffusionPolicy.load(path).anchors, policy.anchors)
+
+    regression_path = RegressionPolicy(RegressionConfig(**SMALL)).save(tmp_path / "regression.safetensors")
+    with pytest.raises(ValueError, match="holds a 'regression' policy, not 'anchored-diffusion'"):
+        AnchoredDiffusionPolicy.load(regression_path)
+    with pytest.raises(ValueError, match="'regression'.*'anchored-diffusion'"):
+        policy.load_weights(regression_path)
+    other = AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**{**SMALL, "n_anchors": 3}), policy.anchors[:3])
+    with pytest.raises(ValueError, match="n_anchors: checkpoint 4 vs policy 3"):
+        other.load_weights(path)
+    assert small_anchored().load_weights(path).anchors.equal(policy.anchors)
+    with pytest.raises(ValueError, match="no policy file"):
+        DrivingPolicy.load(tmp_path / "missing.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- data and training
+
+
+def write_samples(path, rows: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    batch = multimodal_batch(rows, g)
+    with h5py.File(path, "w") as f:
+        for key, value in batch.items():
+            f.create_dataset(key, data=value.numpy())
+        f.create_dataset("seed", data=np.arange(rows) % 4)
+        f.create_dataset("scenario", data=np.zeros(rows, dtype=np.int64))
+
+
+def test_driving_samples_reads_filters_and_validates(tmp_path) -> None:
+    path = tmp_path / "samples.h5"
+    write_samples(path, 40)
+    data = DrivingSamples(path, spec=SPEC, seeds=[0, 1])
+    assert len(data) == 20
+    item = data[3]
+    assert item["agents"].shape == (3, 8) and item["agents_mask"].dtype == torch.bool
+    assert item["trajectory"].shape == (8, 3) and int(item["seed"]) in (0, 1)
+    assert data.trajectories().shape == (20, 8, 3)
+    with h5py.File(path, "a") as f:
+        del f["lanes"]
+        f.create_dataset("lanes", data=np.zeros((40, 2, 5, 2)))
+    with pytest.raises(ValueError, match=r"'lanes'.*must have shape \[rows, 2, 4, 2\]"):
+        DrivingSamples(path, spec=SPEC)
+    with h5py.File(path, "a") as f:
+        del f["lanes"]
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['lanes'\]"):
+        DrivingSamples(path, spec=SPEC)
+
+
+def test_train_driving_policy_checkpoints_and_resumes(tmp_path) -> None:
+    from trajgen.training import TrainerConfig
+
+    path = tmp_path / "samples.h5"
+    write_samples(path, 64)
+    data = DrivingSamples(path, spec=SPEC)
+    torch.manual_seed(0)
+    policy = AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**{**SMALL, "n_anchors": 4}),
+                                     kmeans_anchors(data.trajectories(), 4))
+    config = TrainerConfig(steps=4, batch_size=16, warmup_steps=1, checkpoint_every=2, out_dir=str(tmp_path / "run"),
+                           progress=False, tensorboard=False, device="cpu", log_every=1)
+    trained, summary = train_driving_policy(policy, data, config)
+    assert summary["step"] == 4 and np.isfinite(summary["final_loss"])
+    reloaded = DrivingPolicy.load(summary["policy_file"])
+    assert torch.equal(reloaded.anchors, trained.anchors)
+    config.steps = 5
+    _, resumed = train_driving_policy(policy, data, config)
+    assert resumed["step"] == 5 and len(resumed["history"]["loss"]) == 1  # continued from step 4
+    with pytest.raises(ValueError, match="no anchors"):
+        train_driving_policy(AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**{**SMALL, "n_anchors": 4})), data,
+                             config)

@@ -1,0 +1,837 @@
+"""Driving planners (issue 4): truncated anchored diffusion (DiffusionDrive), vanilla diffusion, regression.
+
+All three read the same ego-frame observation (``trajgen.policies.scene_encoder``) and output a plan of
+``horizon`` poses (x, y, heading) at 0.5 s spacing; they share one API (:class:`DrivingPolicy`):
+``loss(batch) -> {"loss": ...}``, ``plan(obs) -> DrivingPlan``, ``nfe``, ``save`` / ``load``.
+
+- :class:`AnchoredDiffusionPolicy` (Liao et al. 2025, DiffusionDrive): K k-means anchors are noised to a small
+  step (t < 50 of a 1000-step scaled-linear DDPM schedule in training, step 8 at inference) and a 2-stage
+  cascade decoder predicts the clean plan and a confidence per anchor; sampling is 2 DDIM steps (x0
+  prediction) through ``trajgen.solvers`` and the most confident anchor's plan is returned.
+- :class:`VanillaDiffusionPolicy`: a DiT-1d denoiser with cross-attention to the scene tokens, full-range
+  diffusion, 20 DDIM steps from pure noise.
+- :class:`RegressionPolicy`: one learned query attending to the scene, an MLP head, L1 loss (Transfuser's head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from trajgen.diffusion.losses import DiffusionLoss, sample_times
+from trajgen.diffusion.schedules import VPDiscrete
+from trajgen.nets.dit1d import DiT1d, modulate
+from trajgen.nets.embeddings import TimeEmbedding
+from trajgen.nets.layers import Attention
+from trajgen.policies.anchors import TrajectoryNormalizer, nearest_anchor
+from trajgen.policies.scene_encoder import ObservationSpec, SceneEncoder, validate_observation
+from trajgen.solvers import Sampler
+
+POSE_DIM = 3  # (x, y, heading): the contract's plan format, not a tunable size
+OBSERVATION_KEYS = ("ego", "command", "agents", "agents_mask", "lanes", "lanes_mask")
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class DrivingPolicyConfig:
+    """What every driving policy shares: observation sizes, scene encoder, plan coordinates."""
+
+    n_agents: int = 16
+    """agent tokens per observation (N_AGENTS)"""
+    agent_features: int = 8
+    """features per agent (AGENT_FEATURES)"""
+    n_lanes: int = 24
+    """lane polylines per observation (N_LANES)"""
+    lane_points: int = 20
+    """points per lane polyline (LANE_POINTS)"""
+    ego_features: int = 4
+    """ego state size (EGO_FEATURES)"""
+    n_commands: int = 3
+    """route commands (len(COMMANDS))"""
+    horizon: int = 8
+    """poses per plan (HORIZON_POSES)"""
+    d_model: int = 128
+    """token width of the scene encoder and the decoders"""
+    heads: int = 4
+    """attention heads"""
+    encoder_layers: int = 2
+    """transformer layers over the scene tokens"""
+    mlp_ratio: float = 4.0
+    """FFN hidden size / d_model"""
+    dropout: float = 0.0
+    """dropout in attention and FFNs"""
+    position_scale: float = 20.0
+    """metres per unit of positional inputs to the encoder"""
+    speed_scale: float = 10.0
+    """m/s per unit of speed inputs to the encoder"""
+    norm_low: tuple[float, float, float] = (-5.0, -35.0, -2.0)
+    """(x, y, heading) that map to -1 (DiffusionDrive's norm_odo; see anchors.trajectory_bounds)"""
+    norm_high: tuple[float, float, float] = (65.0, 35.0, 2.0)
+    """(x, y, heading) that map to +1"""
+
+    def __post_init__(self) -> None:
+        self.norm_low = tuple(float(v) for v in self.norm_low)  # type: ignore[assignment]
+        self.norm_high = tuple(float(v) for v in self.norm_high)  # type: ignore[assignment]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"{type(self).__name__}.{f.name} must be a number, got {value!r}")
+        positive = ["n_agents", "agent_features", "n_lanes", "ego_features", "n_commands", "horizon", "d_model",
+                    "heads", "position_scale", "speed_scale"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be > 0, got {getattr(self, name)}")
+        if self.lane_points < 2:
+            raise ValueError(f"lane_points must be >= 2, got {self.lane_points}")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+
+    @property
+    def observation_spec(self) -> ObservationSpec:
+        """The observation sizes as an :class:`ObservationSpec`."""
+        return ObservationSpec(self.n_agents, self.agent_features, self.n_lanes, self.lane_points,
+                               self.ego_features, self.n_commands)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DrivingPolicyConfig:
+        """Inverse of :meth:`to_dict`; unknown fields raise ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}")
+        return cls(**values)
+
+
+@dataclass
+class AnchoredDiffusionConfig(DrivingPolicyConfig):
+    """Truncated anchored diffusion (DiffusionDrive's defaults)."""
+
+    n_anchors: int = 20
+    """K anchors (k-means clusters of the training plans)"""
+    stages: int = 2
+    """cascade decoder stages; stage s + 1 refines stage s's plans"""
+    diffusion_steps: int = 1000
+    """steps of the DDPM scaled-linear schedule"""
+    beta_start: float = 1e-4
+    """first beta of the schedule"""
+    beta_end: float = 0.02
+    """last beta of the schedule"""
+    truncation_steps: int = 50
+    """training draws step n uniformly in [0, truncation_steps)"""
+    start_step: int = 8
+    """inference noises the anchors to this 0-based step (t = (start_step + 1) / diffusion_steps)"""
+    steps: int = 2
+    """solver steps at inference (each one network call of the whole cascade)"""
+    solver: str = "ddim"
+    """trajgen.solvers name"""
+    t_end: float = 0.0
+    """where sampling ends (0 = clean: the last step returns the network's x0 prediction)"""
+    cls_weight: float = 10.0
+    """weight of the focal classification loss (DiffusionDrive: 10)"""
+    reg_weight: float = 8.0
+    """weight of the L1 regression loss (DiffusionDrive: 8)"""
+    focal_gamma: float = 2.0
+    """focal loss gamma"""
+    focal_alpha: float = 0.25
+    """focal loss alpha (weight of the positive class)"""
+    cls_prior: float = 0.01
+    """initial confidence of every anchor (classifier bias = logit of it)"""
+    point_embedding_dim: int = 32
+    """sinusoidal features per pose coordinate in the anchor-query embedding"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_anchors < 1 or self.stages < 1 or self.steps < 1:
+            raise ValueError(f"n_anchors, stages, steps must be >= 1, got {self.n_anchors}, {self.stages}, "
+                             f"{self.steps}")
+        if not 0 <= self.start_step < self.diffusion_steps or not 0 < self.truncation_steps <= self.diffusion_steps:
+            raise ValueError(f"need 0 <= start_step < diffusion_steps and 0 < truncation_steps <= diffusion_steps, "
+                             f"got {self.start_step}, {self.truncation_steps}, {self.diffusion_steps}")
+        if self.point_embedding_dim < 2 or self.point_embedding_dim % 2:
+            raise ValueError(f"point_embedding_dim must be even and >= 2, got {self.point_embedding_dim}")
+
+
+@dataclass
+class VanillaDiffusionConfig(DrivingPolicyConfig):
+    """Full-range diffusion over the plan with a DiT-1d denoiser."""
+
+    denoiser_width: int = 128
+    """DiT token width"""
+    denoiser_depth: int = 3
+    """DiT blocks"""
+    prediction: str = "eps"
+    """what the denoiser predicts: 'eps', 'x0' or 'v'"""
+    diffusion_steps: int = 1000
+    """steps of the DDPM scaled-linear schedule"""
+    beta_start: float = 1e-4
+    """first beta of the schedule"""
+    beta_end: float = 0.02
+    """last beta of the schedule"""
+    steps: int = 20
+    """solver steps from pure noise"""
+    solver: str = "ddim"
+    """trajgen.solvers name"""
+    t_end: float = 0.0
+    """where sampling ends"""
+    n_modes: int = 20
+    """samples per observation in ``plan`` (mode diversity); the first is the plan"""
+    clip_sample: bool = True
+    """clip the sampled normalised plan to [-1, 1] (Diffusion Policy's clip_sample)"""
+
+
+@dataclass
+class RegressionConfig(DrivingPolicyConfig):
+    """Deterministic regression (Transfuser-style MLP head)."""
+
+    head_hidden: int = 256
+    """hidden width of the MLP head"""
+    head_layers: int = 2
+    """hidden layers of the MLP head"""
+
+
+@dataclass
+class DrivingPlan:
+    """A policy's decision for a batch: ``trajectory`` [B, H, 3] ego-frame poses; ``modes`` [B, K, H, 3] and
+    ``scores`` [B, K] (confidence per mode) when the policy has them, else None."""
+
+    trajectory: Tensor
+    modes: Tensor | None = None
+    scores: Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------- base class
+
+
+class DrivingPolicy(nn.Module):
+    """Scene encoder + plan head; subclasses give ``loss``, ``_plan`` and ``nfe``.
+
+    ``forward(batch)`` is ``loss(batch)`` so a Trainer (and DDP) can call the module directly.
+    A batch is the observation keys ([B, ...]) plus ``"trajectory"`` [B, H, 3], the expert's plan.
+    """
+
+    algorithm: ClassVar[str] = ""
+    config_class: ClassVar[type[DrivingPolicyConfig]] = DrivingPolicyConfig
+
+    def __init__(self, config: DrivingPolicyConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got "
+                             f"{type(config).__name__}")
+        self.config = config
+        self.encoder = SceneEncoder(config.observation_spec, config.d_model, config.encoder_layers, config.heads,
+                                    config.mlp_ratio, config.dropout, config.position_scale, config.speed_scale)
+        self.normalizer = TrajectoryNormalizer(config.norm_low, config.norm_high)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations (denoising steps) per decision."""
+        return 1
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Same as :meth:`loss`."""
+        return self.loss(batch)
+
+    def loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Training loss on a batch: {"loss": scalar, **scalar metrics}."""
+        raise NotImplementedError
+
+    def plan(self, obs: Mapping[str, Any], generator: torch.Generator | None = None, **kwargs: Any) -> DrivingPlan:
+        """Plans for a batch of observations ([B, ...], or one unbatched observation -> B = 1), under no_grad
+        and in eval mode (the previous mode is restored)."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self._plan(obs, generator, **kwargs)
+        finally:
+            self.train(was_training)
+
+    def _plan(self, obs: Mapping[str, Any], generator: torch.Generator | None, **kwargs: Any) -> DrivingPlan:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _split_batch(self, batch: Mapping[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
+        """Validated observation tensors and the expert plan [B, H, 3]."""
+        if not isinstance(batch, Mapping) or "trajectory" not in batch:
+            raise ValueError(f"a training batch needs the observation keys and 'trajectory' [B, "
+                             f"{self.config.horizon}, 3]; got {list(batch) if isinstance(batch, Mapping) else batch}")
+        obs = validate_observation(batch, self.config.observation_spec, self.device)
+        trajectory = torch.as_tensor(batch["trajectory"], device=self.device).float()
+        expected = (obs["ego"].shape[0], self.config.horizon, POSE_DIM)
+        if tuple(trajectory.shape) != expected:
+            raise ValueError(f"batch['trajectory'] must have shape [B, H, 3] = {list(expected)}, got "
+                             f"{tuple(trajectory.shape)}")
+        if not bool(torch.isfinite(trajectory).all()):
+            raise ValueError("batch['trajectory'] contains NaN or inf")
+        return obs, trajectory
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write weights (safetensors) with the algorithm name and config in the metadata; returns the path."""
+        from trajgen.training.checkpoint import _plain_state_dict, atomic_write_bytes
+
+        metadata = {"format": "pt", "algorithm": self.algorithm, "config": json.dumps(self.config.to_dict())}
+        data = safetensors.torch.save(_plain_state_dict(self.state_dict()), metadata=metadata)
+        atomic_write_bytes(path, data)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> DrivingPolicy:
+        """A policy rebuilt from a :meth:`save` file. On ``DrivingPolicy`` any algorithm loads; on a subclass a
+        checkpoint of another algorithm raises ValueError."""
+        algorithm, config_values, state = _read_policy_file(path)
+        if cls is DrivingPolicy:
+            if algorithm not in POLICIES:
+                raise ValueError(f"{path}: unknown policy algorithm {algorithm!r}; expected one of {sorted(POLICIES)}")
+            target = POLICIES[algorithm]
+        elif algorithm != cls.algorithm:
+            raise ValueError(f"{path} holds a {algorithm!r} policy, not {cls.algorithm!r}; load it with "
+                             f"{POLICIES[algorithm].__name__ if algorithm in POLICIES else 'DrivingPolicy'}.load")
+        else:
+            target = cls
+        policy = target(target.config_class.from_dict(config_values))
+        policy._load_state(state, str(path))
+        return policy.to(map_location)
+
+    def load_weights(self, path: str | os.PathLike[str]) -> DrivingPolicy:
+        """Load a :meth:`save` file into this policy; another algorithm or a different config (anchor count,
+        sizes) raises ValueError saying which fields differ."""
+        algorithm, config_values, state = _read_policy_file(path)
+        if algorithm != self.algorithm:
+            raise ValueError(f"{path} holds a {algorithm!r} policy; this policy is {self.algorithm!r}")
+        mine = self.config.to_dict()
+        differ = [f"{k}: checkpoint {config_values.get(k)!r} vs policy {v!r}" for k, v in mine.items()
+                  if config_values.get(k) != v]
+        if differ:
+            raise ValueError(f"{path} was saved with a different config: " + "; ".join(differ))
+        self._load_state(state, str(path))
+        return self
+
+    def _load_state(self, state: dict[str, Tensor], source: str) -> None:
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"{source} does not match {type(self).__name__}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}")
+        self.load_state_dict(state)
+
+
+def _read_policy_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """(algorithm, config dict, state dict) of a policy file, or ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no policy file at {path}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    if "algorithm" not in metadata or "config" not in metadata:
+        raise ValueError(f"{path} has no policy metadata (algorithm, config); was it written by DrivingPolicy.save?")
+    return metadata["algorithm"], json.loads(metadata["config"]), state
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, gamma: float = 2.0, alpha: float = 0.25) -> Tensor:
+    """Elementwise sigmoid focal loss (Lin et al. 2017): -alpha_t (1 - p_t)^gamma log p_t.
+
+    logits, targets: [...] (targets in {0, 1}); p_t = sigmoid(logit) for a positive, 1 - sigmoid for a
+    negative; alpha_t = alpha for a positive, 1 - alpha for a negative. Returns [...] (unreduced).
+    """
+    targets = targets.to(logits.dtype)
+    p = torch.sigmoid(logits)
+    one_minus_pt = p * (1 - targets) + (1 - p) * targets
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return alpha_t * one_minus_pt.pow(gamma) * bce
+
+
+# ---------------------------------------------------------------------------------------------- anchored diffusion
+
+
+def sine_embedding(values: Tensor, dim: int) -> Tensor:
+    """Sinusoidal features of coordinates (DAB-DETR / DiffusionDrive): [...] -> [..., dim], frequencies
+    2 pi / 10000^(i / (dim / 2)) per unit, i < dim / 2."""
+    half = dim // 2
+    freqs = 2 * math.pi / 10000 ** (torch.arange(half, device=values.device, dtype=values.dtype) / half)
+    args = values[..., None] * freqs
+    return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+class AnchorQueryEncoder(nn.Module):
+    """Plans [B, K, H, 3] (metres, radians) -> one query per plan [B, K, D]: sine features of every pose
+    coordinate, flattened, then Linear-ReLU-LN-Linear."""
+
+    def __init__(self, horizon: int, embedding_dim: int, width: int) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.net = nn.Sequential(nn.Linear(horizon * POSE_DIM * embedding_dim, width), nn.ReLU(),
+                                 nn.LayerNorm(width), nn.Linear(width, width))
+
+    def forward(self, plans: Tensor) -> Tensor:
+        """[B, K, H, 3] -> [B, K, D]."""
+        return self.net(sine_embedding(plans, self.embedding_dim).flatten(-3))
+
+
+class DecoderStage(nn.Module):
+    """One cascade stage (DiffusionDrive's CustomTransformerDecoderLayer, with token cross-attention):
+
+    queries -> cross-attn to agent tokens -> cross-attn to map (ego + lane) tokens -> + ego token (DiffusionDrive's
+    cross-attention to its single ego query, which is a projection of that query) -> FFN -> timestep FiLM ->
+    classification logit per plan and an offset added to the stage's input plan (normalised coordinates).
+    """
+
+    def __init__(self, config: AnchoredDiffusionConfig) -> None:
+        super().__init__()
+        width, heads = config.d_model, config.heads
+        self.horizon = config.horizon
+        self.agent_attn = Attention(width, heads, dropout=config.dropout)
+        self.map_attn = Attention(width, heads, dropout=config.dropout)
+        self.ego_proj = nn.Linear(width, width)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        hidden = int(width * config.mlp_ratio)
+        self.ffn = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
+        self.film = nn.Sequential(nn.Mish(), nn.Linear(width, 2 * width))
+        nn.init.zeros_(self.film[1].weight)  # starts as the identity (DiffusionDrive's if_zeroinit_scale, DiT's adaLN-Zero)
+        nn.init.zeros_(self.film[1].bias)
+        self.cls_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.LayerNorm(width),
+                                      nn.Linear(width, width), nn.ReLU(), nn.LayerNorm(width), nn.Linear(width, 1))
+        nn.init.constant_(self.cls_head[-1].bias, -math.log((1 - config.cls_prior) / config.cls_prior))
+        self.reg_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                      nn.Linear(width, config.horizon * POSE_DIM))
+
+    def forward(self, query: Tensor, plans: Tensor, scene: SceneContext, time_emb: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """query [B, K, D], plans [B, K, H, 3] (normalised), time_emb [B, D]
+        -> (features [B, K, D], clean plans [B, K, H, 3] normalised, logits [B, K])."""
+        h = self.norm1(query + self.agent_attn(query, scene.agents, key_mask=scene.agents_mask))
+        h = self.norm2(h + self.map_attn(h, scene.map, key_mask=scene.map_mask) + self.ego_proj(scene.map[:, :1]))
+        h = self.norm3(h + self.ffn(h))
+        shift, scale = self.film(time_emb).chunk(2, dim=-1)
+        h = modulate(h, shift, scale)
+        offsets = self.reg_head(h).unflatten(-1, (self.horizon, POSE_DIM))
+        return h, plans + offsets, self.cls_head(h).squeeze(-1)
+
+
+@dataclass
+class SceneContext:
+    """Encoded scene split for the decoder: agent tokens [B, N, D] and map (ego + lane) tokens [B, 1 + M, D],
+    each with a key mask (True = valid)."""
+
+    agents: Tensor
+    agents_mask: Tensor
+    map: Tensor
+    map_mask: Tensor
+
+    @classmethod
+    def split(cls, tokens: Tensor, mask: Tensor, encoder: SceneEncoder) -> SceneContext:
+        agents, lanes = encoder.agent_slice, encoder.lane_slice
+        map_tokens = torch.cat([tokens[:, :1], tokens[:, lanes]], dim=1)
+        map_mask = torch.cat([mask[:, :1], mask[:, lanes]], dim=1)
+        return cls(tokens[:, agents], mask[:, agents], map_tokens, map_mask)
+
+    def repeat(self, n: int) -> SceneContext:
+        """Each scene n times in a row: B -> B * n."""
+        return SceneContext(*(x.repeat_interleave(n, dim=0) for x in dataclasses.astuple(self)))
+
+
+class CascadeDecoder(nn.Module):
+    """Noisy plans -> per-stage (clean plans, logits). Stage 1 starts from the (clamped) noisy plans; stage s + 1
+    from stage s's prediction (detached, as DiffusionDrive) and its query features.
+
+    `forward(x_t [B, K, H, 3] normalised, t [B], scene) -> list over stages of (plans [B, K, H, 3], logits [B, K])`.
+    """
+
+    def __init__(self, config: AnchoredDiffusionConfig) -> None:
+        super().__init__()
+        self.normalizer = TrajectoryNormalizer(config.norm_low, config.norm_high)
+        self.query_encoder = AnchorQueryEncoder(config.horizon, config.point_embedding_dim, config.d_model)
+        self.time_embedding = TimeEmbedding(config.d_model, activation="mish")
+        self.stages = nn.ModuleList(DecoderStage(config) for _ in range(config.stages))
+
+    def forward(self, x_t: Tensor, t: Tensor, scene: SceneContext) -> list[tuple[Tensor, Tensor]]:
+        plans = x_t.clamp(-1.0, 1.0)
+        time_emb = self.time_embedding(t)
+        features = torch.zeros_like(plans[..., 0, 0, None]).expand(*plans.shape[:2], time_emb.shape[-1])
+        outputs = []
+        for stage in self.stages:
+            query = self.query_encoder(self.normalizer.denormalize(plans)) + features
+            features, predicted, logits = stage(query, plans, scene, time_emb)
+            outputs.append((predicted, logits))
+            plans = predicted.detach()
+        return outputs
+
+
+def _scaled_linear(steps: int, beta_start: float, beta_end: float) -> VPDiscrete:
+    return VPDiscrete.scaled_linear(steps, beta_start, beta_end)
+
+
+class AnchoredDiffusionPolicy(DrivingPolicy):
+    """Truncated anchored diffusion (DiffusionDrive). ``anchors`` [K, H, 3] (see ``kmeans_anchors``) are a
+    buffer saved with the weights; pass None only to load a checkpoint into the policy afterwards."""
+
+    algorithm = "anchored-diffusion"
+    config_class = AnchoredDiffusionConfig
+
+    def __init__(self, config: AnchoredDiffusionConfig | None = None, anchors: Tensor | None = None) -> None:
+        config = config or AnchoredDiffusionConfig()
+        super().__init__(config)
+        shape = (config.n_anchors, config.horizon, POSE_DIM)
+        if anchors is None:
+            anchors = torch.zeros(shape)
+        anchors = torch.as_tensor(anchors, dtype=torch.float32)
+        if tuple(anchors.shape) != shape:
+            raise ValueError(f"anchors must have shape [n_anchors, horizon, 3] = {list(shape)}, got "
+                             f"{tuple(anchors.shape)}")
+        if not bool(torch.isfinite(anchors).all()):
+            raise ValueError("anchors contain NaN or inf")
+        self.register_buffer("anchors", anchors.clone())
+        self.decoder = CascadeDecoder(config)
+        self.schedule = _scaled_linear(config.diffusion_steps, config.beta_start, config.beta_end)
+        self.sampler = Sampler(self.schedule, config.solver, config.steps, "x0", t_start=self.t_start,
+                               t_end=config.t_end)
+
+    @property
+    def t_start(self) -> float:
+        """Continuous time of the inference start step: (start_step + 1) / diffusion_steps."""
+        return float(self.schedule.time_of_step(self.config.start_step))
+
+    @property
+    def nfe(self) -> int:
+        return self.sampler.nfe
+
+    def loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Noise every anchor to one step n < truncation_steps per sample; focal loss on the anchor nearest the
+        expert plan + L1 on that anchor's predicted plan, summed over stages."""
+        obs, expert = self._split_batch(batch)
+        scene = SceneContext.split(*self.encoder(obs), self.encoder)
+        batch_size, c = expert.shape[0], self.config
+        anchors = self.normalizer.normalize(self.anchors).expand(batch_size, -1, -1, -1)
+        t = sample_times(self.schedule, batch_size, t_max=c.truncation_steps / c.diffusion_steps, device=self.device)
+        x_t = self.schedule.add_noise(anchors, t, torch.randn_like(anchors))
+        target = nearest_anchor(expert, self.anchors)
+        one_hot = F.one_hot(target, c.n_anchors).float()
+        total = expert.new_zeros(())
+        metrics: dict[str, Tensor] = {}
+        for s, (plans, logits) in enumerate(self.decoder(x_t, t, scene)):
+            chosen = self.normalizer.denormalize(plans[torch.arange(batch_size), target])
+            cls = sigmoid_focal_loss(logits, one_hot, c.focal_gamma, c.focal_alpha).mean()
+            reg = (chosen - expert).abs().mean()
+            total = total + c.cls_weight * cls + c.reg_weight * reg
+            metrics[f"cls_loss_{s}"], metrics[f"reg_loss_{s}"] = cls.detach(), reg.detach()
+        return {"loss": total, **metrics}
+
+    def _plan(self, obs: Mapping[str, Any], generator: torch.Generator | None, noise: Tensor | None = None
+              ) -> DrivingPlan:
+        """Anchors noised to ``start_step`` (``noise`` [B, K, H, 3] overrides the Gaussian draw), ``steps``
+        solver steps, confidences from the last network call; the plan is the most confident mode."""
+        tokens, mask = self.encoder(obs)
+        scene = SceneContext.split(tokens, mask, self.encoder)
+        batch_size = tokens.shape[0]
+        anchors = self.normalizer.normalize(self.anchors).expand(batch_size, -1, -1, -1)
+        if noise is None:
+            noise = torch.randn(anchors.shape, generator=generator, device=anchors.device)
+        elif tuple(noise.shape) != tuple(anchors.shape):
+            raise ValueError(f"noise must have shape [B, K, H, 3] = {list(anchors.shape)}, got {tuple(noise.shape)}")
+        x_start = self.schedule.add_noise(anchors, torch.full((batch_size,), self.t_start), noise.to(anchors))
+        last_logits: list[Tensor] = []
+
+        def denoiser(x_t: Tensor, t: Tensor) -> Tensor:
+            plans, logits = self.decoder(x_t, t.to(x_t.dtype), scene)[-1]
+            last_logits[:] = [logits]
+            return plans
+
+        modes = self.normalizer.denormalize(self.sampler(denoiser, x_start, generator=generator))
+        scores = torch.sigmoid(last_logits[0])
+        best = scores.argmax(dim=-1)
+        return DrivingPlan(modes[torch.arange(batch_size), best], modes, scores)
+
+
+# ---------------------------------------------------------------------------------------------- vanilla diffusion
+
+
+class VanillaDiffusionPolicy(DrivingPolicy):
+    """DiT-1d over the normalised plan [B, H, 3], conditioned on the ego token (adaLN) and cross-attending to all
+    scene tokens; trained with DiffusionLoss over the full range, sampled from pure noise."""
+
+    algorithm = "vanilla-diffusion"
+    config_class = VanillaDiffusionConfig
+
+    def __init__(self, config: VanillaDiffusionConfig | None = None) -> None:
+        config = config or VanillaDiffusionConfig()
+        super().__init__(config)
+        if config.denoiser_width % config.heads:
+            raise ValueError(f"denoiser_width={config.denoiser_width} must be divisible by heads={config.heads}")
+        self.denoiser = DiT1d(POSE_DIM, config.denoiser_width, config.denoiser_depth, config.heads,
+                              max_len=config.horizon, mlp_ratio=config.mlp_ratio, cond_dim=config.d_model,
+                              context_dim=config.d_model, dropout=config.dropout)
+        self.schedule = _scaled_linear(config.diffusion_steps, config.beta_start, config.beta_end)
+        self.diffusion_loss = DiffusionLoss(self.schedule, config.prediction)
+        self.sampler = Sampler(self.schedule, config.solver, config.steps, config.prediction, t_end=config.t_end)
+
+    @property
+    def nfe(self) -> int:
+        return self.sampler.nfe
+
+    def _denoise(self, x_t: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        """x_t [B, H, 3], t [B], tokens [B, T, D], token_mask [B, T] -> prediction [B, H, 3]."""
+        return self.denoiser(x_t, t, tokens[:, 0], context=tokens, context_mask=token_mask)
+
+    def loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Denoising loss (``prediction`` space MSE) on the normalised expert plan."""
+        obs, expert = self._split_batch(batch)
+        tokens, mask = self.encoder(obs)
+        loss = self.diffusion_loss(self._denoise, self.normalizer.normalize(expert), tokens=tokens,
+                                   token_mask=mask)
+        return {"loss": loss.mean()}
+
+    def _plan(self, obs: Mapping[str, Any], generator: torch.Generator | None, n_modes: int | None = None
+              ) -> DrivingPlan:
+        """``n_modes`` (default config.n_modes) samples per scene in one batch; the plan is the first."""
+        n_modes = self.config.n_modes if n_modes is None else n_modes
+        if n_modes < 1:
+            raise ValueError(f"n_modes must be >= 1, got {n_modes}")
+        tokens, mask = self.encoder(obs)
+        batch_size = tokens.shape[0]
+        tokens, mask = tokens.repeat_interleave(n_modes, 0), mask.repeat_interleave(n_modes, 0)
+        x = self.schedule.prior_noise((batch_size * n_modes, self.config.horizon, POSE_DIM), generator=generator,
+                                      device=tokens.device)
+        sample = self.sampler(lambda x_t, t: self._denoise(x_t, t.to(x_t.dtype), tokens, mask), x,
+                              generator=generator)
+        if self.config.clip_sample:
+            sample = sample.clamp(-1.0, 1.0)
+        modes = self.normalizer.denormalize(sample).unflatten(0, (batch_size, n_modes))
+        return DrivingPlan(modes[:, 0], modes, None)
+
+
+# ---------------------------------------------------------------------------------------------- regression
+
+
+class RegressionPolicy(DrivingPolicy):
+    """One learned plan query cross-attends to the scene tokens; an MLP on (query, ego token) regresses the
+    normalised plan; L1 loss in metres / radians."""
+
+    algorithm = "regression"
+    config_class = RegressionConfig
+
+    def __init__(self, config: RegressionConfig | None = None) -> None:
+        config = config or RegressionConfig()
+        super().__init__(config)
+        width = config.d_model
+        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.attn = Attention(width, config.heads, dropout=config.dropout)
+        self.norm = nn.LayerNorm(width)
+        layers: list[nn.Module] = []
+        in_dim = 2 * width
+        for _ in range(config.head_layers):
+            layers += [nn.Linear(in_dim, config.head_hidden), nn.ReLU()]
+            in_dim = config.head_hidden
+        self.head = nn.Sequential(*layers, nn.Linear(in_dim, config.horizon * POSE_DIM))
+
+    def _predict(self, obs: Mapping[str, Any]) -> Tensor:
+        """Observation -> plans [B, H, 3] in metres / radians."""
+        tokens, mask = self.encoder(obs)
+        query = self.query.expand(tokens.shape[0], -1, -1)
+        feature = self.norm(query + self.attn(query, tokens, key_mask=mask))[:, 0]
+        out = self.head(torch.cat([feature, tokens[:, 0]], dim=-1)).unflatten(-1, (self.config.horizon, POSE_DIM))
+        return self.normalizer.denormalize(out)
+
+    def loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """L1 between the regressed and the expert plan."""
+        obs, expert = self._split_batch(batch)
+        return {"loss": (self._predict(obs) - expert).abs().mean()}
+
+    def _plan(self, obs: Mapping[str, Any], generator: torch.Generator | None) -> DrivingPlan:
+        return DrivingPlan(self._predict(obs), None, None)
+
+
+POLICIES: dict[str, type[DrivingPolicy]] = {
+    AnchoredDiffusionPolicy.algorithm: AnchoredDiffusionPolicy,
+    VanillaDiffusionPolicy.algorithm: VanillaDiffusionPolicy,
+    RegressionPolicy.algorithm: RegressionPolicy,
+}
+
+
+def load_driving_policy(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> DrivingPolicy:
+    """Any driving policy from a :meth:`DrivingPolicy.save` file (the algorithm is read from the metadata)."""
+    return DrivingPolicy.load(path, map_location)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class DrivingSamples(Dataset):
+    """Rows of a ``trajgen collect driving`` HDF5 file: observation keys + "trajectory" [H, 3] (+ "scenario",
+    "seed" when present), one dataset per key with the rows on axis 0.
+
+    The file is opened on first access (not in the constructor, which only validates keys and shapes) and
+    loaded to memory (fine up to ~100k rows). ``seeds`` keeps only rows whose "seed" is in it (train/test
+    split by scenario seed). Items are dicts of tensors: features float32, masks bool, ids int64.
+    """
+
+    FEATURE_KEYS = (*OBSERVATION_KEYS, "trajectory")
+    ID_KEYS = ("scenario", "seed")
+
+    def __init__(self, path: str | os.PathLike[str] | None, *, spec: ObservationSpec | None = None,
+                 horizon: int = 8, seeds: Sequence[int] | None = None, group: str | None = None) -> None:
+        self.path, self.group = (Path(path) if path is not None else None), group
+        self.spec, self.horizon = spec or ObservationSpec(), horizon
+        self.seeds = None if seeds is None else {int(s) for s in seeds}
+        self._arrays: dict[str, np.ndarray] | None = None
+        if self.path is not None:
+            if not self.path.is_file():
+                raise ValueError(f"DrivingSamples: no HDF5 file at {self.path}")
+            with self._open() as root:
+                self._check({key: root[key].shape for key in root}, str(self.path))
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray | Tensor], *, spec: ObservationSpec | None = None,
+                    horizon: int = 8, seeds: Sequence[int] | None = None) -> DrivingSamples:
+        """A data set over in-memory arrays with the same keys and shapes as the file."""
+        dataset = cls(None, spec=spec, horizon=horizon, seeds=seeds)
+        numpy_arrays = {k: v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v)
+                        for k, v in arrays.items()}
+        dataset._check({k: v.shape for k, v in numpy_arrays.items()}, "arrays")
+        dataset._arrays = dataset._select(numpy_arrays)
+        return dataset
+
+    def _open(self) -> Any:
+        import h5py
+
+        file = h5py.File(self.path, "r")
+        if self.group is None:
+            return file
+        if self.group not in file:
+            file.close()
+            raise ValueError(f"DrivingSamples: {self.path} has no group {self.group!r}")
+        return _GroupHandle(file, file[self.group])
+
+    def _check(self, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+        expected = {**self.spec.shapes(), "trajectory": (self.horizon, POSE_DIM)}
+        missing = [k for k in expected if k not in shapes]
+        if missing:
+            raise ValueError(f"DrivingSamples: {source} is missing key(s) {missing}; it has {sorted(shapes)}")
+        rows = shapes["trajectory"][0] if shapes["trajectory"] else 0
+        for key, shape in expected.items():
+            if tuple(shapes[key]) != (rows, *shape):
+                raise ValueError(f"DrivingSamples: {source}[{key!r}] must have shape [rows, "
+                                 f"{', '.join(map(str, shape))}] with rows = {rows}, got {tuple(shapes[key])}")
+        for key in self.ID_KEYS:
+            if key in shapes and tuple(shapes[key]) != (rows,):
+                raise ValueError(f"DrivingSamples: {source}[{key!r}] must have shape [{rows}], got {shapes[key]}")
+        if self.seeds is not None and "seed" not in shapes:
+            raise ValueError(f"DrivingSamples: seeds= selects rows by 'seed', but {source} has no 'seed' key")
+
+    def _select(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = {k: arrays[k] for k in (*self.FEATURE_KEYS, *self.ID_KEYS) if k in arrays}
+        for key in self.FEATURE_KEYS:
+            if not np.isfinite(keep[key]).all():
+                raise ValueError(f"DrivingSamples: {key!r} contains NaN or inf")
+        if self.seeds is not None:
+            rows = np.isin(keep["seed"], list(self.seeds))
+            keep = {k: v[rows] for k, v in keep.items()}
+        return keep
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """All kept rows as numpy arrays (loads the file on first use)."""
+        if self._arrays is None:
+            with self._open() as root:
+                self._arrays = self._select({k: root[k][()] for k in (*self.FEATURE_KEYS, *self.ID_KEYS) if k in root})
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self.arrays["trajectory"])
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        item: dict[str, Tensor] = {}
+        for key, value in self.arrays.items():
+            row = torch.as_tensor(value[index])
+            if key.endswith("_mask"):
+                row = row != 0
+            elif key in self.ID_KEYS:
+                row = row.long()
+            else:
+                row = row.float()
+            item[key] = row
+        return item
+
+    def trajectories(self) -> Tensor:
+        """Every kept expert plan, [S, H, 3] float32 (for ``kmeans_anchors`` and ``trajectory_bounds``)."""
+        return torch.as_tensor(self.arrays["trajectory"], dtype=torch.float32)
+
+
+class _GroupHandle:
+    """A context manager that closes the file and yields one of its groups."""
+
+    def __init__(self, file: Any, group: Any) -> None:
+        self.file, self.group = file, group
+
+    def __enter__(self) -> Any:
+        return self.group
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _policy_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return model(batch)
+
+
+def train_driving_policy(policy: DrivingPolicy, dataset: Dataset | Callable[[torch.Generator], Any],
+                         config: Any = None, *, resume: bool = True,
+                         policy_file: str = "policy.safetensors") -> tuple[DrivingPolicy, dict[str, Any]]:
+    """Train ``policy`` with ``trajgen.training.Trainer`` (checkpoints in ``config.out_dir``, resumed when
+    ``resume``), then save the EMA policy to ``out_dir/policy_file``.
+
+    Args:
+        policy: any :class:`DrivingPolicy` (build anchored ones with ``kmeans_anchors`` over the training plans).
+        dataset: a :class:`DrivingSamples` (or any map-style Dataset / sample_batch callable of batches).
+        config: a ``TrainerConfig``.
+    Returns:
+        (the EMA policy in eval mode, the Trainer's summary dict with "policy_file" added).
+    """
+    from trajgen.training import Trainer, TrainerConfig
+
+    if not isinstance(policy, DrivingPolicy):
+        raise TypeError(f"policy must be a DrivingPolicy, got {type(policy).__name__}")
+    if isinstance(policy, AnchoredDiffusionPolicy) and not bool(policy.anchors.abs().sum() > 0):
+        raise ValueError("the anchored policy has no anchors: build it with anchors=kmeans_anchors(plans, k)")
+    config = config or TrainerConfig()
+    with Trainer(policy, _policy_loss, dataset, config) as trainer:
+        summary = trainer.fit(resume=resume)
+        trained = trainer.ema_model
+    path = trained.save(Path(config.out_dir) / policy_file)
+    return trained, {**summary, "policy_file": str(path)}
