@@ -256,6 +256,68 @@ def test_gpt_generate_beyond_max_len_uses_a_window() -> None:
     assert torch.isfinite(seq).all()
 
 
+def _manual_rollout(net: CausalGPT, prefix: Tensor, steps: int, cond: Tensor | None) -> Tensor:
+    """Reference rollout: rerun `forward` on the last max_len steps and append its last output, step by step."""
+    seq = prefix
+    for _ in range(steps):
+        seq = torch.cat([seq, net(seq[:, -net.max_len :], cond)[:, -1:]], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("with_cond", [False, True])
+@pytest.mark.parametrize(("prefix_len", "steps"), [(1, 15), (3, 13), (5, 4), (2, 25), (16, 3)])
+def test_gpt_generate_with_cache_equals_full_recompute(with_cond: bool, prefix_len: int, steps: int) -> None:
+    torch.manual_seed(0)
+    net = CausalGPT(D, width=32, depth=3, heads=4, max_len=16, cond_dim=C if with_cond else None).eval()
+    prefix = torch.randn(3, prefix_len, D)
+    cond = torch.randn(3, C) if with_cond else None
+    cached = net.generate(prefix, steps, cond)
+    assert cached.shape == (3, prefix_len + steps, D)
+    torch.testing.assert_close(cached, net.generate(prefix, steps, cond, use_cache=False), rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached, _manual_rollout(net, prefix, steps, cond), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_cond", [False, True])
+def test_gpt_prefill_and_decode_equal_forward_rows(with_cond: bool) -> None:
+    net = CausalGPT(D, width=16, depth=2, heads=2, max_len=12, cond_dim=C if with_cond else None).double().eval()
+    x = torch.randn(2, 10, D, dtype=torch.float64)
+    cond = torch.randn(2, C, dtype=torch.float64) if with_cond else None
+    full = net(x, cond)
+    out, cache = net.prefill(x[:, :3], cond, capacity=10)
+    outs = [out, net.decode(x[:, 3:4], cache), net.decode(x[:, 4:7], cache)]  # one step, then a chunk of three
+    outs += [net.decode(x[:, k : k + 1], cache) for k in range(7, 10)]
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=0, atol=1e-12)
+    assert cache.steps == 10 and cache.length == 10 + with_cond
+
+
+def test_gpt_generate_embeds_each_step_once_with_the_cache() -> None:
+    """The cache is really used: the embedding sees P + steps - 1 rows, not a growing window per step."""
+    net = CausalGPT(D, width=16, depth=1, heads=2, max_len=16, cond_dim=C).eval()
+    rows: list[int] = []
+    net.embed.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape[1]))
+    net.generate(torch.randn(1, 2, D), 10, torch.randn(1, C))
+    assert rows == [2] + [1] * 9
+    rows.clear()
+    net.generate(torch.randn(1, 2, D), 10, torch.randn(1, C), use_cache=False)
+    assert rows == list(range(2, 12))
+
+
+def test_gpt_cache_bad_inputs() -> None:
+    net = CausalGPT(D, width=16, depth=1, heads=2, max_len=8, cond_dim=C).eval()
+    with pytest.raises(ValueError, match="capacity"):
+        net.prefill(torch.randn(2, 3, D), capacity=9)
+    with pytest.raises(ValueError, match="capacity"):
+        net.prefill(torch.randn(2, 3, D), capacity=2)
+    _, cache = net.prefill(torch.randn(2, 3, D), capacity=4)
+    with pytest.raises(ValueError, match=r"\bx_new\b"):
+        net.decode(torch.randn(2, 1, D + 1), cache)
+    with pytest.raises(ValueError, match="batch"):
+        net.decode(torch.randn(3, 1, D), cache)
+    net.decode(torch.randn(2, 1, D), cache)
+    with pytest.raises(ValueError, match="does not fit the cache"):
+        net.decode(torch.randn(2, 1, D), cache)
+
+
 # ---------------------------------------------------------------- input validation
 
 

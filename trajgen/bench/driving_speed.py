@@ -97,3 +97,59 @@ def highway_env_throughput(env_id: str = "intersection-v1", seconds: float = 5.0
         wall_s=wall,
         vehicle_steps=total,
     )
+
+
+def trajgen_throughput(scenario: str = "intersection", n_scenes: int = 256, seconds: float = 5.0,
+                       seed: int = 0) -> Throughput:
+    """Throughput of trajgen's :class:`DrivingVectorEnv` with ``n_scenes`` scenes, every step a batched
+    trajectory action tracked for one replanning period (5 sim steps) and a fresh observation, as an agent's
+    loop sees it. The plans are constant-speed straight lines (the policy's cost is not the simulator's)."""
+    from trajgen.envs.driving.env import DrivingVectorEnv
+
+    env = DrivingVectorEnv(num_envs=n_scenes, scenario=scenario)
+    obs, _ = env.reset(seed=seed)
+    sub_steps = env.core.replan_every
+    counts: list[float] = []
+    horizon = 0.5 * np.arange(1, 9)
+
+    def step() -> int:
+        nonlocal obs
+        plans = np.zeros((n_scenes, 8, 3), dtype=np.float32)
+        plans[..., 0] = obs["ego"][:, :1] * horizon
+        obs, _, _, _, _ = env.step(plans)
+        vehicles = env.sim.agent_valid().sum() + n_scenes  # other vehicles + the egos
+        counts.append(vehicles / n_scenes)
+        return int(vehicles) * sub_steps
+
+    wall, total = time_loop(step, seconds)
+    return Throughput(name=f"trajgen {scenario}", scenes=n_scenes, vehicles_per_scene=float(np.mean(counts)),
+                      sim_dt=0.1, wall_s=wall, vehicle_steps=total)
+
+
+def run_throughput_comparison(seconds: float = 5.0, scenes: tuple[int, ...] = (1, 256)) -> dict[str, object]:
+    """trajgen (intersection, several batch sizes) against highway-env's intersection-v1 on one thread.
+
+    Returns a JSON-able dict with every run and the ratio of simulated vehicle-seconds per wall second,
+    trajgen's best batch over highway-env (None when highway-env is not installed).
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            runs = [trajgen_throughput("intersection", n, seconds) for n in scenes]
+            runs += [trajgen_throughput("merge", max(scenes), seconds)]
+            try:
+                reference = highway_env_throughput("intersection-v1", seconds)
+            except ImportError:
+                reference = None
+    finally:
+        torch.set_num_threads(torch_threads)
+    best = max(r.vehicle_seconds_per_s for r in runs if r.name.endswith("intersection"))
+    return {
+        "unit": "simulated vehicle-seconds per wall-clock second, one thread, observations included",
+        "runs": [r.as_dict() for r in runs] + ([reference.as_dict()] if reference else []),
+        "ratio_vs_highway_env": best / reference.vehicle_seconds_per_s if reference else None,
+    }

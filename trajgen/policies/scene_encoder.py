@@ -131,18 +131,22 @@ class SceneEncoder(nn.Module):
         dropout: dropout in attention and FFN.
         position_scale: metres per unit of the positional inputs (positions are divided by it).
         speed_scale: m/s per unit of the speed inputs.
+        lane_point_width: width of the per-point lane features before max-pooling.
     """
 
     def __init__(self, spec: ObservationSpec, width: int = 128, layers: int = 2, heads: int = 4,
                  mlp_ratio: float = 4.0, dropout: float = 0.0, position_scale: float = 20.0,
-                 speed_scale: float = 10.0) -> None:
+                 speed_scale: float = 10.0, lane_point_width: int = 64) -> None:
         super().__init__()
         self.spec, self.width = spec, width
         self.position_scale, self.speed_scale = position_scale, speed_scale
         self.ego_mlp = _mlp(spec.ego_features + spec.n_commands, width)
         self.agent_mlp = _mlp(spec.agent_features, width)
-        self.lane_point_mlp = _mlp(4, width)
-        self.lane_mlp = _mlp(width, width)
+        # per-point features stay narrow: the points outnumber every other input (B x 24 x 20), and a
+        # width-D per-point MLP was most of the encoder's cost for no measurable gain after max-pooling
+        self.lane_point_mlp = nn.Sequential(nn.Linear(4, lane_point_width), nn.ReLU(),
+                                            nn.Linear(lane_point_width, lane_point_width))
+        self.lane_mlp = _mlp(lane_point_width, width)
         self.type_embedding = nn.Parameter(torch.randn(3, width) * 0.02)
         self.layers = nn.ModuleList(EncoderLayer(width, heads, mlp_ratio, dropout) for _ in range(layers))
         self.out_norm = nn.LayerNorm(width)

@@ -1,0 +1,471 @@
+"""The driving benchmark: truncated anchored diffusion vs vanilla diffusion vs regression, as DiffusionDrive
+compares them on NAVSIM, inside trajgen's own simulator.
+
+One run (:func:`run_driving_benchmark`):
+
+1. **data** -- ``collect_driving`` (the rule expert, both scenarios), split by scene seed into train and test;
+2. **train** -- the three policies on the train split with the same budget (steps, batch, learning rate, encoder);
+   the anchors are k-means clusters of the training plans and the plan normalisation comes from their range;
+   checkpoints resume (a rerun with the same settings continues or skips);
+3. **open loop** -- every policy plans on held-out logged ticks; each plan is tracked for 4 s against the logged
+   traffic and PDM-scored (:func:`~trajgen.envs.driving.open_loop.open_loop_scores`), as NAVSIM does;
+4. **closed loop** -- whole episodes on held-out scene seeds, replanning at 2 Hz, scored over the episode with EP
+   against the rule expert on the same scenes (:func:`~trajgen.agents.driving.evaluate_closed_loop`);
+5. **mode diversity** (NAVSIM/DiffusionDrive: 1 - mean pairwise overlap of the modes), denoising steps,
+   decision latency at batch 1 (median and p99), parameter count;
+6. JSON, a markdown table and a targets section; a bird's-eye plot of anchors coloured by confidence and a GIF of
+   a closed-loop episode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from trajgen.agents.driving import DrivingAgent, Rollout, closed_loop_scores, expert_decider, rollout
+from trajgen.bench.driving_speed import run_throughput_comparison
+from trajgen.envs.driving.collect import collect_driving, split_of_seed
+from trajgen.envs.driving.open_loop import LOG_KEYS, open_loop_scores
+from trajgen.envs.driving.scoring import mode_diversity
+from trajgen.envs.driving.sim import SCENARIOS
+from trajgen.nets import count_parameters
+from trajgen.policies.anchors import kmeans_anchors, trajectory_bounds
+from trajgen.policies.driving import (
+    AnchoredDiffusionConfig,
+    AnchoredDiffusionPolicy,
+    DrivingPolicy,
+    DrivingSamples,
+    RegressionConfig,
+    RegressionPolicy,
+    VanillaDiffusionConfig,
+    VanillaDiffusionPolicy,
+    train_driving_policy,
+)
+from trajgen.training import TrainerConfig
+
+POLICY_NAMES = ("anchored", "vanilla", "regression")
+SUB_SCORES = ("nc", "dac", "ttc", "ep", "c", "pdms")
+TEST_FRACTION = 0.1
+TARGET_LATENCY_RATIO = 8.0
+
+
+@dataclass(frozen=True)
+class DrivingBenchConfig:
+    """Sizes and budgets of one driving benchmark run (the same budget for every policy)."""
+
+    out_dir: str = "runs/driving"
+    """data, checkpoints, results.json, results.md, plots."""
+    data: str | None = None
+    """an existing ``trajgen collect driving`` file; default ``out_dir/data.h5`` (collected when missing)."""
+    n_samples: int = 50_000
+    """rows to collect when the data file is missing (half per scenario)."""
+    policies: tuple[str, ...] = POLICY_NAMES
+    """which policies to train and evaluate."""
+    train_steps: int = 5000
+    """optimizer updates per policy."""
+    batch_size: int = 128
+    lr: float = 5e-4
+    warmup_steps: int = 300
+    d_model: int = 64
+    """scene-encoder and decoder width (all policies; 64 keeps a 2-core CPU run near an hour)."""
+    open_loop_rows: int = 4000
+    """held-out logged ticks scored open-loop (all of them if fewer)."""
+    diversity_rows: int = 256
+    """held-out ticks whose modes are scored for diversity."""
+    closed_loop_episodes: int = 64
+    """held-out scenes per scenario driven closed-loop."""
+    latency_repeats: int = 100
+    """batch-1 decisions timed per policy (after warm-up)."""
+    seed: int = 0
+    device: str | None = None
+    """cpu | cuda (default: cuda when available)."""
+    pictures: bool = True
+    """write the bird's-eye plot and the closed-loop GIF."""
+    progress: bool = True
+
+    @classmethod
+    def demo(cls, out_dir: str = "runs/demo") -> DrivingBenchConfig:
+        """``trajgen demo``: small data and budgets, about 10 minutes on 2 CPU cores."""
+        return cls(out_dir=out_dir, n_samples=6000, train_steps=1200, batch_size=64, lr=1e-3, warmup_steps=100,
+                   d_model=64, open_loop_rows=600, diversity_rows=48, closed_loop_episodes=16, latency_repeats=30)
+
+    @classmethod
+    def quick(cls, out_dir: str) -> DrivingBenchConfig:
+        """Seconds: for tests of the pipeline itself (the numbers mean nothing)."""
+        return cls(out_dir=out_dir, n_samples=512, train_steps=6, batch_size=16, warmup_steps=1, d_model=32,
+                   open_loop_rows=32, diversity_rows=4, closed_loop_episodes=2, latency_repeats=3, pictures=False,
+                   progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def data_path(config: DrivingBenchConfig) -> Path:
+    return Path(config.data) if config.data else Path(config.out_dir) / "data.h5"
+
+
+def ensure_data(config: DrivingBenchConfig) -> Path:
+    """The data file, collected with the rule expert if it does not exist yet."""
+    path = data_path(config)
+    if not path.exists():
+        if config.data:
+            raise ValueError(f"DrivingBenchConfig.data: no file at {path}")
+        collect_driving(path, n_samples=config.n_samples, seed=config.seed, test_fraction=TEST_FRACTION,
+                        quick=config.n_samples <= 512, progress=config.progress)
+    return path
+
+
+def split_seeds(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(train seeds, test seeds) of a data file, from its per-row ``split`` column."""
+    with h5py.File(path, "r") as f:
+        if "split" not in f or "seed" not in f:
+            raise ValueError(f"{path} has no 'split'/'seed' columns; collect it with `trajgen collect driving`")
+        seed, split = f["seed"][:], f["split"][:]
+    train, test = np.unique(seed[split == 0]), np.unique(seed[split == 1])
+    if train.size == 0 or test.size == 0:
+        raise ValueError(f"{path} needs both train and test rows, got {train.size} train / {test.size} test seeds")
+    return train, test
+
+
+def read_rows(path: Path, seeds: np.ndarray, limit: int, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Up to ``limit`` rows whose scene seed is in ``seeds`` (evenly spread over the file)."""
+    with h5py.File(path, "r") as f:
+        rows = np.flatnonzero(np.isin(f["seed"][:], seeds))
+        if rows.size > limit:
+            rows = rows[np.linspace(0, rows.size - 1, limit).round().astype(np.int64)]
+        return {k: f[k][rows] for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------- policies
+
+
+def build_policy(name: str, config: DrivingBenchConfig, train_plans: np.ndarray) -> DrivingPolicy:
+    """An untrained policy with the benchmark's shared sizes; normalisation and anchors from the training plans."""
+    low, high = trajectory_bounds(train_plans)
+    shared = {"d_model": config.d_model, "norm_low": tuple(low), "norm_high": tuple(high)}
+    if name == "anchored":
+        anchors = kmeans_anchors(train_plans, k=AnchoredDiffusionConfig.n_anchors, seed=config.seed)
+        return AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**shared), anchors=anchors)
+    if name == "vanilla":
+        return VanillaDiffusionPolicy(VanillaDiffusionConfig(**shared, denoiser_width=config.d_model))
+    if name == "regression":
+        return RegressionPolicy(RegressionConfig(**shared, head_hidden=2 * config.d_model))
+    raise ValueError(f"policy must be one of {POLICY_NAMES}, got {name!r}")
+
+
+def train_policy(name: str, config: DrivingBenchConfig, dataset: DrivingSamples,
+                 train_plans: np.ndarray) -> tuple[DrivingPolicy, dict[str, Any]]:
+    """Train (or resume, or reload) one policy; returns it with its training summary."""
+    out_dir = Path(config.out_dir) / name
+    trainer = TrainerConfig(steps=config.train_steps, batch_size=config.batch_size, lr=config.lr,
+                            warmup_steps=config.warmup_steps, out_dir=str(out_dir), seed=config.seed,
+                            device=config.device, progress=config.progress, tensorboard=False,
+                            checkpoint_every=max(1, min(1000, config.train_steps)), log_every=100)
+    summary_file = out_dir / "train_summary.json"
+    settings = {"train_steps": config.train_steps, "batch_size": config.batch_size, "lr": config.lr,
+                "d_model": config.d_model, "seed": config.seed, "rows": len(dataset)}
+    if summary_file.exists() and (out_dir / "policy.safetensors").exists():
+        saved = json.loads(summary_file.read_text())
+        if saved.get("settings") == settings:
+            return DrivingPolicy.load(out_dir / "policy.safetensors", map_location=_device(config)), saved
+    policy = build_policy(name, config, train_plans)
+    start = time.perf_counter()
+    trained, summary = train_driving_policy(policy, dataset, trainer, resume=True)
+    summary = {"settings": settings, "wall_s": time.perf_counter() - start,
+               **{k: v for k, v in summary.items() if isinstance(v, int | float | str)}}
+    _write_json(summary_file, summary)
+    return trained, summary
+
+
+def _device(config: DrivingBenchConfig) -> torch.device:
+    if config.device:
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def plan_batched(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], *, modes: bool = False, batch: int = 256,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Plans (and all modes with their scores when ``modes``) for many observations, in batches."""
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
+    n = len(next(iter(obs.values())))
+    plans, all_modes, all_scores = [], [], []
+    for i in range(0, n, batch):
+        chunk = {k: v[i: i + batch] for k, v in obs.items()}
+        kwargs = {"n_modes": None if modes else 1} if isinstance(policy, VanillaDiffusionPolicy) else {}
+        out = policy.plan(chunk, generator=generator, **kwargs)
+        plans.append(out.trajectory.cpu().numpy())
+        if modes and out.modes is not None:
+            all_modes.append(out.modes.cpu().numpy())
+            if out.scores is not None:
+                all_scores.append(out.scores.cpu().numpy())
+    cat = (lambda parts: np.concatenate(parts) if parts else None)
+    return np.concatenate(plans), cat(all_modes), cat(all_scores)
+
+
+def decision_latency(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repeats: int) -> dict[str, float]:
+    """Median and p99 wall time (ms) of one batch-1 decision (the plan the agent executes), after warm-up."""
+    one = {k: v[:1] for k, v in obs.items()}
+    kwargs = {"n_modes": 1} if isinstance(policy, VanillaDiffusionPolicy) else {}
+    sync = torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        policy.plan(one, **kwargs)
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        policy.plan(one, **kwargs)
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "p99_ms": float(np.percentile(times, 99)), "repeats": repeats}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def mean_se(values: np.ndarray) -> dict[str, float]:
+    """Mean and standard error of the mean."""
+    values = np.asarray(values, dtype=np.float64)
+    se = float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else float("nan")
+    return {"mean": float(values.mean()), "se": se, "n": int(values.size)}
+
+
+def held_out_scene_seeds(n: int, seed: int) -> np.ndarray:
+    """``n`` scene seeds of the test split that no collection used (collections draw seeds below 2**31)."""
+    candidates = np.arange(2**31 + 1000 * seed, 2**31 + 1000 * seed + 200 * max(n, 1), dtype=np.int64)
+    test = candidates[split_of_seed(candidates, TEST_FRACTION) == 1]
+    if test.size < n:
+        raise ValueError(f"not enough held-out seeds for {n} episodes")
+    return test[:n]
+
+
+def summarise(scores: Mapping[str, np.ndarray], keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    return {k: mean_se(scores[k]) for k in keys if k in scores}
+
+
+def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], None] | None = None,
+                          throughput_seconds: float = 0.0) -> dict[str, Any]:
+    """Run every stage (see the module docstring); writes ``results.json`` and ``results.md`` in ``out_dir``.
+
+    ``throughput_seconds > 0`` also times the simulator against highway-env (when installed) for that long per run.
+
+    Returns:
+        the JSON document: settings, machine, per-policy results, the expert's closed-loop scores, targets.
+    """
+    say = status or (lambda message: None)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    say("collecting expert data")
+    start = time.perf_counter()
+    path = ensure_data(config)
+    collect_s = time.perf_counter() - start
+    train_seeds, test_seeds = split_seeds(path)
+    dataset = DrivingSamples(path, seeds=train_seeds)
+    train_plans = dataset.arrays["trajectory"]
+    obs_keys = ("ego", "command", "agents", "agents_mask", "lanes", "lanes_mask")
+    test_rows = read_rows(path, test_seeds, config.open_loop_rows, (*LOG_KEYS, *obs_keys, "trajectory"))
+    test_obs = {k: test_rows[k] for k in obs_keys}
+    scene_seeds = held_out_scene_seeds(config.closed_loop_episodes, config.seed)
+    say("driving the expert on the held-out scenes")
+    references = {s: rollout(expert_decider, s, scene_seeds) for s in SCENARIOS}
+    expert_closed = {s: closed_loop_scores(references[s], references[s]) for s in SCENARIOS}
+    results: dict[str, Any] = {}
+    for name in config.policies:
+        say(f"training {name}")
+        policy, summary = train_policy(name, config, dataset, train_plans)
+        policy.eval()
+        say(f"evaluating {name}")
+        results[name] = evaluate_policy(policy, config, test_rows, test_obs, scene_seeds, references)
+        results[name]["training"] = summary
+    document = {
+        "settings": asdict(config),
+        "machine": machine_info(),
+        "data": {"file": str(path), "train_rows": len(dataset), "test_rows_scored": len(test_rows["ego"]),
+                 "train_seeds": int(train_seeds.size), "test_seeds": int(test_seeds.size),
+                 "collect_s": collect_s, "closed_loop_scenes_per_scenario": int(scene_seeds.size)},
+        "expert_closed_loop": {s: summarise(v, (*SUB_SCORES, "collision", "route_completion"))
+                               for s, v in expert_closed.items()},
+        "policies": results,
+    }
+    document["targets"] = check_targets(results)
+    if throughput_seconds > 0:
+        say("simulator throughput against highway-env")
+        document["simulator_throughput"] = run_throughput_comparison(throughput_seconds)
+    _write_json(out / "results.json", document)
+    (out / "results.md").write_text(markdown_table(document))
+    if config.pictures and "anchored" in results:
+        say("drawing pictures")
+        document["pictures"] = draw_pictures(config, test_rows, test_obs, scene_seeds)
+        _write_json(out / "results.json", document)
+    return document
+
+
+def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows: Mapping[str, np.ndarray],
+                    test_obs: Mapping[str, np.ndarray], scene_seeds: np.ndarray,
+                    references: Mapping[str, Rollout]) -> dict[str, Any]:
+    """Open-loop and closed-loop PDM scores, diversity, latency and size of one trained policy."""
+    plans, _, _ = plan_batched(policy, test_obs, seed=config.seed)
+    open_scores = open_loop_scores(plans, test_rows)
+    by_scenario = {}
+    for index, scenario in enumerate(SCENARIOS):
+        sel = np.asarray(test_rows["scenario"]) == index
+        if sel.any():
+            by_scenario[scenario] = summarise({k: v[sel] for k, v in open_scores.items()}, SUB_SCORES)
+    div_obs = {k: v[: config.diversity_rows] for k, v in test_obs.items()}
+    _, modes, _ = plan_batched(policy, div_obs, modes=True, seed=config.seed)
+    diversity = mean_se(mode_diversity(modes)) if modes is not None else None
+    agent = DrivingAgent(policy, seed=config.seed)
+    closed: dict[str, Any] = {}
+    decide_s, decisions = 0.0, 0
+    for scenario in SCENARIOS:
+        run = rollout(lambda sim: agent.decider(), scenario, scene_seeds)
+        scores = closed_loop_scores(run, references[scenario])
+        closed[scenario] = summarise(scores, (*SUB_SCORES, "collision", "route_completion"))
+        decide_s, decisions = decide_s + run.decide_s, decisions + run.decisions
+    closed["all"] = {k: _pool([closed[s][k] for s in SCENARIOS]) for k in closed[SCENARIOS[0]]}
+    return {
+        "algorithm": policy.algorithm,
+        "nfe": policy.nfe,
+        "parameters": count_parameters(policy),
+        "open_loop": {"all": summarise(open_scores, SUB_SCORES), **by_scenario},
+        "closed_loop": closed,
+        "mode_diversity": diversity,
+        "latency_batch1": decision_latency(policy, test_obs, config.latency_repeats),
+        "closed_loop_batched_ms_per_decision": 1e3 * decide_s / max(decisions, 1),
+    }
+
+
+def _pool(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and s.e. of the union of equally sized groups given their (mean, se, n)."""
+    n = sum(p["n"] for p in parts)
+    mean = sum(p["mean"] * p["n"] for p in parts) / n
+    # within-group variance from each se, plus between-group spread
+    ss = sum((p["se"] ** 2 * p["n"] * (p["n"] - 1) if p["n"] > 1 else 0.0) + p["n"] * (p["mean"] - mean) ** 2
+             for p in parts)
+    se = float(np.sqrt(ss / (n - 1) / n)) if n > 1 else float("nan")
+    return {"mean": mean, "se": se, "n": n}
+
+
+def check_targets(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The issue's targets, each with the numbers it compares."""
+    targets: dict[str, Any] = {}
+    if {"anchored", "vanilla"} <= set(results):
+        a, v = results["anchored"], results["vanilla"]
+        ratio = v["latency_batch1"]["median_ms"] / a["latency_batch1"]["median_ms"]
+        for mode in ("open_loop", "closed_loop"):
+            pa, pv = a[mode]["all"]["pdms"]["mean"], v[mode]["all"]["pdms"]["mean"]
+            targets[f"anchored_pdms_ge_vanilla_{mode}"] = {"anchored": pa, "vanilla": pv, "met": pa >= pv}
+        targets["latency_ratio_vanilla_over_anchored"] = {"ratio": ratio, "target": TARGET_LATENCY_RATIO,
+                                                          "met": ratio >= TARGET_LATENCY_RATIO}
+        da, dv = a["mode_diversity"]["mean"], v["mode_diversity"]["mean"]
+        targets["anchored_more_diverse"] = {"anchored": da, "vanilla": dv, "met": da > dv}
+    if {"anchored", "regression"} <= set(results):
+        for mode in ("open_loop", "closed_loop"):
+            pa, pr = results["anchored"][mode]["all"]["pdms"]["mean"], results["regression"][mode]["all"]["pdms"]["mean"]
+            targets[f"anchored_pdms_gt_regression_{mode}"] = {"anchored": pa, "regression": pr, "met": pa > pr}
+    return targets
+
+
+def markdown_table(document: Mapping[str, Any]) -> str:
+    """The README table: one row per policy (open- and closed-loop PDMS and sub-scores, diversity, NFE,
+    latency, parameters), then the expert's closed-loop row and the targets."""
+    def pm(entry: Mapping[str, float]) -> str:
+        return f"{entry['mean']:.3f} ± {entry['se']:.3f}"
+
+    lines = [
+        ("| policy | steps | open-loop PDMS | NC | DAC | TTC | EP | C | closed-loop PDMS | collisions | "
+        "route completion | diversity | latency ms (median / p99) | params |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in document["policies"].items():
+        ol, cl = r["open_loop"]["all"], r["closed_loop"]["all"]
+        div = pm(r["mode_diversity"]) if r["mode_diversity"] else "-"
+        lat = r["latency_batch1"]
+        lines.append(
+            f"| {name} | {r['nfe']} | {pm(ol['pdms'])} | {ol['nc']['mean']:.3f} | {ol['dac']['mean']:.3f} | "
+            f"{ol['ttc']['mean']:.3f} | {ol['ep']['mean']:.3f} | {ol['c']['mean']:.3f} | {pm(cl['pdms'])} | "
+            f"{cl['collision']['mean']:.3f} | {cl['route_completion']['mean']:.3f} | {div} | "
+            f"{lat['median_ms']:.1f} / {lat['p99_ms']:.1f} | {r['parameters'] / 1e6:.2f}M |")
+    expert = document["expert_closed_loop"]
+    lines.append("")
+    lines.append("Expert (closed loop, reference for EP): " + ", ".join(
+        f"{s}: PDMS {v['pdms']['mean']:.3f}, collisions {v['collision']['mean']:.3f}" for s, v in expert.items()))
+    lines.append("")
+    speed = document.get("simulator_throughput")
+    if speed:
+        lines.append("Simulator throughput (" + speed["unit"] + "): " + ", ".join(
+            f"{r['name']} x{r['scenes']} scenes {r['vehicle_seconds_per_s']:.0f}" for r in speed["runs"])
+            + (f"; ratio vs highway-env {speed['ratio_vs_highway_env']:.0f}x" if speed["ratio_vs_highway_env"]
+               else ""))
+        lines.append("")
+    for name, t in document.get("targets", {}).items():
+        values = ", ".join(f"{k} {v:.3f}" for k, v in t.items() if isinstance(v, float))
+        lines.append(f"- {name}: {'met' if t['met'] else 'NOT met'} ({values})")
+    return "\n".join(lines) + "\n"
+
+
+def machine_info() -> dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def draw_pictures(config: DrivingBenchConfig, test_rows: Mapping[str, np.ndarray],
+                  test_obs: Mapping[str, np.ndarray], scene_seeds: np.ndarray) -> dict[str, str]:
+    """The anchored policy's modes on a held-out scene (PNG) and one of its closed-loop episodes (GIF)."""
+    from trajgen.envs.driving.render import episode_gif, save_scene_png
+    from trajgen.envs.driving.sim import make_map
+
+    out = Path(config.out_dir)
+    policy = DrivingPolicy.load(out / "anchored" / "policy.safetensors", map_location=_device(config))
+    row = _interesting_row(test_rows)
+    one = {k: v[row: row + 1] for k, v in test_obs.items()}
+    plan = policy.plan(one)
+    scenario = SCENARIOS[int(test_rows["scenario"][row])]
+    road = make_map(scenario)
+    future = np.asarray(test_rows["future_agents"][row, 0])
+    valid = np.asarray(test_rows["future_agents_valid"][row, 0])
+    png = save_scene_png(out / "anchored_modes.png", road, test_rows["ego_pose"][row], future, valid,
+                         modes=plan.modes[0].cpu().numpy(), scores=torch.sigmoid(plan.scores[0]).cpu().numpy(),
+                         route=test_rows["route"][row], title=f"{scenario}: anchored modes by confidence")
+    agent = DrivingAgent(policy, seed=config.seed)
+    run = rollout(lambda sim: agent.decider(), "intersection", scene_seeds[:1], n_envs=1)
+    gif = episode_gif(out / "anchored_closed_loop.gif", make_map("intersection"), run, 0)
+    return {"modes_png": str(png), "closed_loop_gif": str(gif)}
+
+
+def _interesting_row(rows: Mapping[str, np.ndarray]) -> int:
+    """A held-out intersection tick with a turn ahead (the most heading change in the expert plan)."""
+    turn = np.abs(np.asarray(rows["trajectory"])[:, -1, 2])
+    turn = np.where(np.asarray(rows["scenario"]) == 0, turn, -1.0)
+    return int(np.argmax(turn))
+
+
+def _write_json(path: Path, document: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+__all__ = ["DrivingBenchConfig", "check_targets", "markdown_table", "run_driving_benchmark"]
