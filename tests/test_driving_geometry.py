@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import shapely
+
 from trajgen.envs.driving.geometry import (
     box_corners,
     boxes_overlap,

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from trajgen.envs.driving.vehicles import (
     BicycleLimits,
     IDMParams,

@@ -40,6 +40,7 @@ import numpy as np
 import shapely
 from numpy.typing import ArrayLike, NDArray
 from scipy.signal import savgol_filter
+
 from trajgen.envs.driving.geometry import box_corners, boxes_overlap, polyline_arclength, project_to_polyline
 
 FloatArray = NDArray[np.float64]
