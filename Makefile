@@ -1,11 +1,11 @@
-# make demo  -> creates .venv on first use, runs the main job (the solver benchmark) on built-in defaults
+# make demo  -> creates .venv on first use, runs the main job (the driving demo, ~10 min on 2 CPUs) on built-in defaults
 # make test  -> creates .venv on first use, runs the test suite (CI runs exactly this)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo test test-all bench bench-driving lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/trajgen demo --out runs/bench_solvers.json
+	$(BIN)/trajgen demo --out-dir runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -30,6 +30,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_solvers.py --out runs/bench_solvers.json
+
+bench-driving: $(STAMP)
+	$(BIN)/python scripts/bench_driving.py --out-dir runs/bench_driving
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install -q ruff

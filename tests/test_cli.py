@@ -10,8 +10,10 @@ from trajgen.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["demo"], ["bench"], ["bench", "solvers"], ["bench", "orders"], ["solvers"], ["train"],
-                                  ["train", "arcs"]])
+@pytest.mark.parametrize("args", [[], ["demo"], ["bench"], ["bench", "solvers"], ["bench", "orders"],
+                                  ["bench", "driving"], ["solvers"], ["train"], ["train", "arcs"],
+                                  ["train", "offline"], ["eval"], ["eval", "offline"], ["collect"],
+                                  ["collect", "mujoco"], ["collect", "driving"]])
 def test_help_everywhere(args):
     result = runner.invoke(app, args + ["--help"])
     assert result.exit_code == 0, result.output

@@ -22,6 +22,8 @@ from trajgen.envs.driving.observation import (
     build_observation,
     observation_space,
 )
+from trajgen.envs.driving.open_loop import open_loop_scores, track_plans
+from trajgen.envs.driving.scoring import EgoShape, PDMConfig, aggregate, episode_scores, mode_diversity, pdm_scores
 from trajgen.envs.driving.sim import COMMANDS, SCENARIOS, DrivingSim, StepOutcome, make_map
 from trajgen.envs.driving.tracking import PlanTracker, plan_infeasible
 from trajgen.envs.driving.traffic import Traffic, TrafficConfig
@@ -66,25 +68,33 @@ __all__ = [
     "DrivingSim",
     "DrivingVectorEnv",
     "EgoRoute",
+    "EgoShape",
     "IDMParams",
     "KinematicBicycle",
     "LaneFollowerState",
     "LaneFollowers",
+    "PDMConfig",
     "PlanTracker",
     "RoadMap",
     "RuleExpert",
     "StepOutcome",
     "Traffic",
     "TrafficConfig",
+    "aggregate",
     "build_observation",
     "collect_driving",
+    "episode_scores",
     "find_leaders",
     "four_way_intersection",
     "idm_acceleration",
     "idm_equilibrium_gap",
     "make_map",
     "merge_road",
+    "mode_diversity",
     "observation_space",
+    "open_loop_scores",
+    "pdm_scores",
     "plan_infeasible",
     "sample_idm_params",
+    "track_plans",
 ]

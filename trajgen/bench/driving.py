@@ -104,7 +104,7 @@ class DrivingBenchConfig:
     def quick(cls, out_dir: str) -> DrivingBenchConfig:
         """Seconds: for tests of the pipeline itself (the numbers mean nothing)."""
         return cls(out_dir=out_dir, n_samples=512, train_steps=6, batch_size=16, warmup_steps=1, d_model=32,
-                   open_loop_rows=32, diversity_rows=4, closed_loop_episodes=2, latency_repeats=3, pictures=False,
+                   open_loop_rows=32, diversity_rows=4, closed_loop_episodes=2, latency_repeats=3, pictures=True,
                    progress=False)
 
 
@@ -262,14 +262,23 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
     Returns:
         the JSON document: settings, machine, per-policy results, the expert's closed-loop scores, targets.
     """
-    say = status or (lambda message: None)
+    timings: dict[str, float] = {}
+    clock = {"stage": "", "start": time.perf_counter()}
+
+    def stage(name: str) -> None:
+        """Close the running stage's timer and start ``name`` ('' just closes)."""
+        now = time.perf_counter()
+        if clock["stage"]:
+            timings[str(clock["stage"])] = now - float(clock["start"])
+        clock.update(stage=name, start=now)
+        if name and status:
+            status(name)
+
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    say("collecting expert data")
-    start = time.perf_counter()
+    stage("collecting expert data")
     path = ensure_data(config)
-    collect_s = time.perf_counter() - start
     train_seeds, test_seeds = split_seeds(path)
     dataset = DrivingSamples(path, seeds=train_seeds)
     train_plans = dataset.arrays["trajectory"]
@@ -277,37 +286,38 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
     test_rows = read_rows(path, test_seeds, config.open_loop_rows, (*LOG_KEYS, *obs_keys, "trajectory"))
     test_obs = {k: test_rows[k] for k in obs_keys}
     scene_seeds = held_out_scene_seeds(config.closed_loop_episodes, config.seed)
-    say("driving the expert on the held-out scenes")
+    stage("driving the expert on the held-out scenes")
     references = {s: rollout(expert_decider, s, scene_seeds) for s in SCENARIOS}
     expert_closed = {s: closed_loop_scores(references[s], references[s]) for s in SCENARIOS}
     results: dict[str, Any] = {}
     for name in config.policies:
-        say(f"training {name}")
+        stage(f"training {name}")
         policy, summary = train_policy(name, config, dataset, train_plans)
         policy.eval()
-        say(f"evaluating {name}")
+        stage(f"evaluating {name}")
         results[name] = evaluate_policy(policy, config, test_rows, test_obs, scene_seeds, references)
         results[name]["training"] = summary
-    document = {
+    document: dict[str, Any] = {
         "settings": asdict(config),
         "machine": machine_info(),
         "data": {"file": str(path), "train_rows": len(dataset), "test_rows_scored": len(test_rows["ego"]),
                  "train_seeds": int(train_seeds.size), "test_seeds": int(test_seeds.size),
-                 "collect_s": collect_s, "closed_loop_scenes_per_scenario": int(scene_seeds.size)},
+                 "closed_loop_scenes_per_scenario": int(scene_seeds.size)},
         "expert_closed_loop": {s: summarise(v, (*SUB_SCORES, "collision", "route_completion"))
                                for s, v in expert_closed.items()},
         "policies": results,
+        "targets": check_targets(results),
+        "timings_s": timings,
     }
-    document["targets"] = check_targets(results)
     if throughput_seconds > 0:
-        say("simulator throughput against highway-env")
+        stage("simulator throughput against highway-env")
         document["simulator_throughput"] = run_throughput_comparison(throughput_seconds)
+    if config.pictures and "anchored" in results:
+        stage("drawing pictures")
+        document["pictures"] = draw_pictures(config, test_rows, test_obs, scene_seeds)
+    stage("")
     _write_json(out / "results.json", document)
     (out / "results.md").write_text(markdown_table(document))
-    if config.pictures and "anchored" in results:
-        say("drawing pictures")
-        document["pictures"] = draw_pictures(config, test_rows, test_obs, scene_seeds)
-        _write_json(out / "results.json", document)
     return document
 
 
