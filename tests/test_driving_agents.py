@@ -25,7 +25,7 @@ def log_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     path = tmp_path_factory.mktemp("drive") / "quick.h5"
     collect_driving(Path(path), n_samples=256, seed=3, quick=True)
     with h5py.File(path, "r") as f:
-        return {k: f[k][:] for k in (*LOG_KEYS, "trajectory")}
+        return {k: f[k][:] for k in LOG_KEYS}
 
 
 def test_tracking_a_straight_constant_speed_plan_is_exact() -> None:

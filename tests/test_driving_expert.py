@@ -65,7 +65,7 @@ def test_collect_writes_a_consistent_split_file(tmp_path: Path) -> None:
     assert out.exists() and not list(tmp_path.glob("*.tmp*"))
     assert stats["rows"] == 300
     with h5py.File(out) as f:
-        assert f.attrs["version"] == 1 and f.attrs["future_frame"] == "world"
+        assert f.attrs["version"] == 2 and f.attrs["future_frame"] == "world"
         n = f["trajectory"].shape[0]
         assert n == 300 and f["agents"].shape == (n, 16, 8) and f["lanes"].shape == (n, 24, 20, 2)
         assert f["future_agents"].shape == (n, 40, 16, 5) and f["future_agents_valid"].shape == (n, 40, 16)
@@ -73,8 +73,8 @@ def test_collect_writes_a_consistent_split_file(tmp_path: Path) -> None:
         seeds, split = f["seed"][:], f["split"][:]
         np.testing.assert_array_equal(split, split_of_seed(seeds, 0.3))
         assert not set(seeds[split == 0]) & set(seeds[split == 1])
-        # the trajectory is the ego's actual motion: its first pose (0.5 s) is where the next row's ego is
-        ep, tick, pose, traj = f["episode"][:], f["tick"][:], f["ego_pose"][:], f["trajectory"][:]
+        # future_poses is the ego's actual motion: its first pose (0.5 s) is where the next row's ego is
+        ep, tick, pose, traj = f["episode"][:], f["tick"][:], f["ego_pose"][:], f["future_poses"][:]
         nxt = np.flatnonzero((ep[1:] == ep[:-1]) & (tick[1:] == tick[:-1] + 1))
         assert nxt.size > 100
         want = poses_to_ego_frame(pose[nxt + 1], pose[nxt])
@@ -83,6 +83,36 @@ def test_collect_writes_a_consistent_split_file(tmp_path: Path) -> None:
         driven = np.linalg.norm(traj[:, 0, :2], axis=-1) + np.linalg.norm(np.diff(traj[:, :, :2], axis=1),
                                                                            axis=-1).sum(1)
         np.testing.assert_allclose(f["expert_progress"][:], driven, rtol=0.1, atol=1.0)
+
+
+def test_noise_injection_moves_the_ego_off_the_plan_but_not_the_label(tmp_path: Path) -> None:
+    clean, noisy = tmp_path / "clean.h5", tmp_path / "noisy.h5"
+    collect_driving(clean, scenario="merge", n_samples=256, seed=4, quick=True, perturb=0.0)
+    collect_driving(noisy, scenario="merge", n_samples=256, seed=4, quick=True, perturb=1.0)
+
+    def gap(path: Path) -> np.ndarray:
+        with h5py.File(path) as f:
+            assert f.attrs["perturb"] in (0.0, 1.0)
+            return np.linalg.norm(f["trajectory"][:, 1, :2] - f["future_poses"][:, 1, :2], axis=-1)
+
+    # without noise the ego executes the label: only tracking error separates them at 1 s
+    assert np.median(gap(clean)) < 0.1
+    # with noise on every tick the executed motion leaves the label (rotation ~0.025 rad, stretch ~8%)
+    assert np.median(gap(noisy)) > 3 * np.median(gap(clean)) + 0.1
+
+
+def test_perturb_plans_rotates_and_stretches_about_the_ego() -> None:
+    from trajgen.envs.driving.collect import perturb_plans
+
+    plans = np.zeros((200, 8, 3))
+    plans[..., 0] = 5.0 * np.arange(1, 9)
+    out = perturb_plans(plans, np.random.default_rng(0), 0.5)
+    moved = np.abs(out - plans).max(axis=(1, 2)) > 0
+    assert 0.35 < moved.mean() < 0.65
+    # a rotation plus a uniform stretch keeps every plan a straight ray from the ego with its heading on it
+    np.testing.assert_allclose(np.arctan2(out[..., 1], out[..., 0]), out[..., 2], atol=1e-12)
+    ratio = np.linalg.norm(out[..., :2], axis=-1) / np.linalg.norm(plans[..., :2], axis=-1)
+    np.testing.assert_allclose(ratio, ratio[:, :1] * np.ones((1, 8)), rtol=1e-12)
 
 
 def test_collect_rejects_bad_arguments(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from trajgen.policies.driving import (
     DrivingSamples,
     RegressionConfig,
     RegressionPolicy,
+    SceneContext,
     VanillaDiffusionConfig,
     VanillaDiffusionPolicy,
     sigmoid_focal_loss,
@@ -201,7 +202,7 @@ class IdentityDecoder(nn.Module):
         self.schedule, self.favourite, self.n_anchors, self.stages = schedule, favourite, n_anchors, stages
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, x_t, t, scene):
+    def forward(self, x_t, t, scene, every_stage=True):
         self.calls.append((x_t.clone(), t.clone()))
         x0 = x_t / self.schedule.alpha(t.double()).float().view(-1, 1, 1, 1)
         logits = torch.full((x_t.shape[0], self.n_anchors), -3.0)
@@ -231,6 +232,22 @@ def test_anchored_inference_starts_from_noised_anchors_and_calls_the_network_ste
     sigma8 = float(policy.schedule.sigma(torch.tensor(9 / 1000, dtype=torch.float64)))
     expected = alpha8 * policy.normalizer.normalize(policy.anchors) + sigma8 * noise
     torch.testing.assert_close(stub.calls[0][0], expected)
+
+
+def test_classifying_only_the_last_stage_changes_nothing_it_returns() -> None:
+    policy = small_anchored().eval()
+    g = torch.Generator().manual_seed(3)
+    obs = random_obs(2, generator=g)
+    with torch.no_grad():
+        scene = SceneContext.split(*policy.encoder(obs), policy.encoder)
+        x_t = torch.randn(2, 4, 8, 3, generator=g) * 0.3
+        t = torch.full((2,), 0.009)
+        full = policy.decoder(x_t, t, scene)
+        fast = policy.decoder(x_t, t, scene, every_stage=False)
+    assert all(logits is None for _, logits in fast[:-1])
+    for (plans_a, logits_a), (plans_b, logits_b) in zip(full, fast, strict=True):
+        torch.testing.assert_close(plans_a, plans_b, rtol=0, atol=0)
+    torch.testing.assert_close(full[-1][1], fast[-1][1], rtol=0, atol=0)
 
 
 def test_anchored_plan_is_reproducible_with_a_generator() -> None:

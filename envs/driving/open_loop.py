@@ -4,8 +4,9 @@ A plan ``[8, 3]`` (ego frame, 0.5 ... 4.0 s) made at a logged tick is tracked by
 environment uses (:class:`~trajgen.envs.driving.tracking.PlanTracker` on a
 :class:`~trajgen.envs.driving.vehicles.KinematicBicycle`) for 4 s at 10 Hz, starting from the logged ego state;
 the other vehicles replay their logged futures (non-reactive, as in NAVSIM). The simulated ego poses are then
-scored with :func:`~trajgen.envs.driving.scoring.pdm_scores`, with the expert's own progress over the same 4 s
-as the reference for EP.
+scored with :func:`~trajgen.envs.driving.scoring.pdm_scores`. The reference for EP is the expert's own plan at
+that tick (the row's ``trajectory``) tracked and simulated the same way, as NAVSIM measures EP against its
+PDM-Closed planner simulated in the same scene.
 
 The log (``trajgen collect driving``) holds the agents at the 40 steps *after* the tick; frame 0 (the tick) is
 extrapolated backwards at each agent's first logged velocity, so every frame of the ego has its agents.
@@ -29,7 +30,7 @@ FloatArray = NDArray[np.float64]
 
 HORIZON_STEPS = 40
 """Sim steps (10 Hz) a plan is tracked for: 4 s, the plan's horizon."""
-LOG_KEYS = ("ego_pose", "ego", "future_agents", "future_agents_valid", "route", "expert_progress", "scenario")
+LOG_KEYS = ("ego_pose", "ego", "future_agents", "future_agents_valid", "route", "trajectory", "scenario")
 """What a logged row must hold for open-loop scoring (see :mod:`trajgen.envs.driving.collect`)."""
 
 EGO_SHAPE = EgoShape(length=EGO_LENGTH, width=EGO_WIDTH, rear_axle_to_center=EGO_REAR_TO_CENTRE)
@@ -109,7 +110,8 @@ def open_loop_scores(plans: ArrayLike, rows: Mapping[str, ArrayLike],
 
     Args:
         plans: ego-frame plans ``[B, 8, 3]``.
-        rows: the logged rows' ``LOG_KEYS`` (numpy, batch-first), e.g. a slice of a collected file.
+        rows: the logged rows' ``LOG_KEYS`` (numpy, batch-first), e.g. a slice of a collected file; its
+            ``trajectory`` (the expert's plan) is simulated too and its progress is EP's reference.
         roads: scenario name -> map (built from the scenario when not given).
 
     Returns:
@@ -120,10 +122,11 @@ def open_loop_scores(plans: ArrayLike, rows: Mapping[str, ArrayLike],
     plans = check_plan(plans, n)
     ego = np.asarray(rows["ego"], dtype=np.float64)
     poses, speeds = track_plans(plans, rows["ego_pose"], ego[:, 0], ego[:, 1], ego[:, 2])
+    expert_poses, expert_speeds = track_plans(check_plan(rows["trajectory"], n), rows["ego_pose"], ego[:, 0],
+                                              ego[:, 1], ego[:, 2])
     boxes, valid, velocity = logged_agents(rows["future_agents"], rows["future_agents_valid"])
     scenario = np.asarray(rows["scenario"]).astype(np.int64)
     route = np.asarray(rows["route"], dtype=np.float64)
-    reference = np.asarray(rows["expert_progress"], dtype=np.float64)
     out: dict[str, FloatArray] = {}
     for index in np.unique(scenario):
         if not 0 <= index < len(SCENARIOS):
@@ -131,8 +134,11 @@ def open_loop_scores(plans: ArrayLike, rows: Mapping[str, ArrayLike],
         name = SCENARIOS[index]
         road = (roads or {}).get(name) or make_map(name)
         sel = np.flatnonzero(scenario == index)
-        scores = pdm_scores(poses[sel], boxes[sel], valid[sel], velocity[sel], road.is_drivable, list(route[sel]),
-                            reference[sel], shape=EGO_SHAPE, ego_speed=speeds[sel])
+        routes = list(route[sel])
+        expert = pdm_scores(expert_poses[sel], boxes[sel], valid[sel], velocity[sel], road.is_drivable, routes,
+                            np.ones(sel.size), shape=EGO_SHAPE, ego_speed=expert_speeds[sel])
+        scores = pdm_scores(poses[sel], boxes[sel], valid[sel], velocity[sel], road.is_drivable, routes,
+                            expert["progress"], shape=EGO_SHAPE, ego_speed=speeds[sel])
         for key in ("nc", "dac", "ttc", "ep", "c", "pdms", "progress", "collision"):
             out.setdefault(key, np.zeros(n))[sel] = scores[key]
     return out

@@ -283,7 +283,7 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
     dataset = DrivingSamples(path, seeds=train_seeds)
     train_plans = dataset.arrays["trajectory"]
     obs_keys = ("ego", "command", "agents", "agents_mask", "lanes", "lanes_mask")
-    test_rows = read_rows(path, test_seeds, config.open_loop_rows, (*LOG_KEYS, *obs_keys, "trajectory"))
+    test_rows = read_rows(path, test_seeds, config.open_loop_rows, (*LOG_KEYS, *obs_keys))
     test_obs = {k: test_rows[k] for k in obs_keys}
     scene_seeds = held_out_scene_seeds(config.closed_loop_episodes, config.seed)
     stage("driving the expert on the held-out scenes")
@@ -449,7 +449,7 @@ def draw_pictures(config: DrivingBenchConfig, test_rows: Mapping[str, np.ndarray
     future = np.asarray(test_rows["future_agents"][row, 0])
     valid = np.asarray(test_rows["future_agents_valid"][row, 0])
     png = save_scene_png(out / "anchored_modes.png", road, test_rows["ego_pose"][row], future, valid,
-                         modes=plan.modes[0].cpu().numpy(), scores=torch.sigmoid(plan.scores[0]).cpu().numpy(),
+                         modes=plan.modes[0].cpu().numpy(), scores=plan.scores[0].cpu().numpy(),
                          route=test_rows["route"][row], title=f"{scenario}: anchored modes by confidence")
     agent = DrivingAgent(policy, seed=config.seed)
     run = rollout(lambda sim: agent.decider(), "intersection", scene_seeds[:1], n_envs=1)

@@ -16,6 +16,7 @@ All three read the same ego-frame observation (``trajgen.policies.scene_encoder`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -381,10 +382,14 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, gamma: float = 2.0, alph
 def sine_embedding(values: Tensor, dim: int) -> Tensor:
     """Sinusoidal features of coordinates (DAB-DETR / DiffusionDrive): [...] -> [..., dim], frequencies
     2 pi / 10000^(i / (dim / 2)) per unit, i < dim / 2."""
-    half = dim // 2
-    freqs = 2 * math.pi / 10000 ** (torch.arange(half, device=values.device, dtype=values.dtype) / half)
-    args = values[..., None] * freqs
+    args = values[..., None] * _sine_frequencies(dim, values.device, values.dtype)
     return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _sine_frequencies(dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    half = dim // 2
+    return 2 * math.pi / 10000 ** (torch.arange(half, device=device, dtype=dtype) / half)
 
 
 class AnchorQueryEncoder(nn.Module):
@@ -429,17 +434,17 @@ class DecoderStage(nn.Module):
         self.reg_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                                       nn.Linear(width, config.horizon * POSE_DIM))
 
-    def forward(self, query: Tensor, plans: Tensor, scene: SceneContext, time_emb: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, query: Tensor, plans: Tensor, scene: SceneContext, time_emb: Tensor, classify: bool = True
+                ) -> tuple[Tensor, Tensor, Tensor | None]:
         """query [B, K, D], plans [B, K, H, 3] (normalised), time_emb [B, D]
-        -> (features [B, K, D], clean plans [B, K, H, 3] normalised, logits [B, K])."""
+        -> (features [B, K, D], clean plans [B, K, H, 3] normalised, logits [B, K] or None unless ``classify``)."""
         h = self.norm1(query + self.agent_attn(query, scene.agents, key_mask=scene.agents_mask))
         h = self.norm2(h + self.map_attn(h, scene.map, key_mask=scene.map_mask) + self.ego_proj(scene.map[:, :1]))
         h = self.norm3(h + self.ffn(h))
         shift, scale = self.film(time_emb).chunk(2, dim=-1)
         h = modulate(h, shift, scale)
         offsets = self.reg_head(h).unflatten(-1, (self.horizon, POSE_DIM))
-        return h, plans + offsets, self.cls_head(h).squeeze(-1)
+        return h, plans + offsets, self.cls_head(h).squeeze(-1) if classify else None
 
 
 @dataclass
@@ -478,14 +483,18 @@ class CascadeDecoder(nn.Module):
         self.time_embedding = TimeEmbedding(config.d_model, activation="mish")
         self.stages = nn.ModuleList(DecoderStage(config) for _ in range(config.stages))
 
-    def forward(self, x_t: Tensor, t: Tensor, scene: SceneContext) -> list[tuple[Tensor, Tensor]]:
+    def forward(self, x_t: Tensor, t: Tensor, scene: SceneContext, every_stage: bool = True
+                ) -> list[tuple[Tensor, Tensor]]:
+        """``every_stage=False`` (inference) classifies only in the last stage; the earlier entries' logits are
+        then None."""
         plans = x_t.clamp(-1.0, 1.0)
         time_emb = self.time_embedding(t)
         features = torch.zeros_like(plans[..., 0, 0, None]).expand(*plans.shape[:2], time_emb.shape[-1])
         outputs = []
-        for stage in self.stages:
+        last = len(self.stages) - 1
+        for index, stage in enumerate(self.stages):
             query = self.query_encoder(self.normalizer.denormalize(plans)) + features
-            features, predicted, logits = stage(query, plans, scene, time_emb)
+            features, predicted, logits = stage(query, plans, scene, time_emb, classify=every_stage or index == last)
             outputs.append((predicted, logits))
             plans = predicted.detach()
         return outputs
@@ -566,7 +575,7 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
         last_logits: list[Tensor] = []
 
         def denoiser(x_t: Tensor, t: Tensor) -> Tensor:
-            plans, logits = self.decoder(x_t, t.to(x_t.dtype), scene)[-1]
+            plans, logits = self.decoder(x_t, t.to(x_t.dtype), scene, every_stage=False)[-1]
             last_logits[:] = [logits]
             return plans
 
