@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from trajgen.bench.driving import DrivingBenchConfig, run_driving_benchmark
+from trajgen.bench.driving import DrivingBenchConfig, remeasure_latency, run_driving_benchmark
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -31,12 +31,18 @@ def main(argv: list[str] | None = None) -> dict:
             parser.add_argument(flag, type=kind, default=field.default)
     parser.add_argument("--throughput-seconds", type=float, default=5.0,
                         help="seconds per simulator-throughput run (0 skips it)")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="re-time the trained policies' batch-1 decisions of an existing run (quiet machine)")
     args = vars(parser.parse_args(argv))
     throughput = args.pop("throughput_seconds")
+    latency_only = args.pop("latency_only")
     args["policies"] = tuple(args["policies"])
     config = DrivingBenchConfig(**args)
-    document = run_driving_benchmark(config, status=lambda stage: print(f"== {stage}", flush=True),
-                                     throughput_seconds=throughput)
+    if latency_only:
+        document = remeasure_latency(config)
+    else:
+        document = run_driving_benchmark(config, status=lambda stage: print(f"== {stage}", flush=True),
+                                         throughput_seconds=throughput)
     with open(f"{config.out_dir}/results.md") as f:
         print(f.read())
     return document

@@ -17,6 +17,7 @@ from trajgen.bench.driving import (
     ensure_data,
     held_out_scene_seeds,
     mean_se,
+    remeasure_latency,
     run_driving_benchmark,
     split_seeds,
     train_policy,
@@ -103,6 +104,15 @@ def test_rerun_reloads_instead_of_training(quick_demo: Path) -> None:
     policy, summary = train_policy("regression", config, dataset, dataset.arrays["trajectory"])
     assert summary == saved
     assert isinstance(policy, RegressionPolicy)
+
+
+def test_latency_can_be_remeasured_on_a_finished_run(quick_demo: Path) -> None:
+    before = json.loads((quick_demo / "results.json").read_text())
+    after = remeasure_latency(DrivingBenchConfig.quick(str(quick_demo)))
+    for name, result in after["policies"].items():
+        assert result["latency_batch1"]["repeats"] == 3 and result["latency_batch1"]["median_ms"] > 0
+        assert result["open_loop"] == before["policies"][name]["open_loop"]  # only the timing changes
+    assert json.loads((quick_demo / "results.json").read_text())["policies"] == after["policies"]
 
 
 def test_trajgen_throughput_counts_every_vehicle_step() -> None:

@@ -219,7 +219,12 @@ def test_checkpoint_round_trip_and_mismatch(trained_td) -> None:
     assert (meta["obs_dim"], meta["act_dim"]) == (S, A) and meta["config"]["t_mid"] == 0.3
     loaded = load_policy(out, algorithm="trajectory-diffuser", env="Linear-v0")
     obs = np.random.default_rng(5).standard_normal((3, S))
-    np.testing.assert_array_equal(OfflineAgent(loaded, seed=1).act(obs), OfflineAgent(policy, seed=1).act(obs))
+    saved, restored = policy.model.state_dict(), loaded.model.state_dict()
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    # the same weights and noise; only float32 summation order may differ (KV-cache buffers sized per call)
+    np.testing.assert_allclose(OfflineAgent(loaded, seed=1).act(obs), OfflineAgent(policy, seed=1).act(obs),
+                               rtol=1e-5, atol=1e-6)
     assert loaded.default_return == pytest.approx(policy.default_return) and loaded.default_return != 0
     with pytest.raises(ValueError, match="'trajectory-diffuser' policy, not 'decision-diffuser'"):
         load_policy(out, algorithm="decision-diffuser")

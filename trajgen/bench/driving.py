@@ -87,6 +87,8 @@ class DrivingBenchConfig:
     """held-out scenes per scenario driven closed-loop."""
     latency_repeats: int = 100
     """batch-1 decisions timed per policy (after warm-up)."""
+    max_decisions: int = 1000
+    """closed-loop episodes stop after this many decisions (2 per second) if the time limit has not come first."""
     seed: int = 0
     device: str | None = None
     """cpu | cuda (default: cuda when available)."""
@@ -104,7 +106,8 @@ class DrivingBenchConfig:
     def quick(cls, out_dir: str) -> DrivingBenchConfig:
         """Seconds: for tests of the pipeline itself (the numbers mean nothing)."""
         return cls(out_dir=out_dir, n_samples=512, train_steps=6, batch_size=16, warmup_steps=1, d_model=32,
-                   open_loop_rows=32, diversity_rows=4, closed_loop_episodes=2, latency_repeats=3, pictures=True,
+                   open_loop_rows=32, diversity_rows=4, closed_loop_episodes=2, latency_repeats=3, max_decisions=8,
+                   pictures=True,
                    progress=False)
 
 
@@ -202,7 +205,9 @@ def plan_batched(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], *, modes:
     plans, all_modes, all_scores = [], [], []
     for i in range(0, n, batch):
         chunk = {k: v[i: i + batch] for k, v in obs.items()}
-        kwargs = {"n_modes": None if modes else 1} if isinstance(policy, VanillaDiffusionPolicy) else {}
+        # the vanilla policy draws as many samples as the anchored policy has anchors, for a like-for-like diversity
+        kwargs = ({"n_modes": AnchoredDiffusionConfig.n_anchors if modes else 1}
+                  if isinstance(policy, VanillaDiffusionPolicy) else {})
         out = policy.plan(chunk, generator=generator, **kwargs)
         plans.append(out.trajectory.cpu().numpy())
         if modes and out.modes is not None:
@@ -287,7 +292,7 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
     test_obs = {k: test_rows[k] for k in obs_keys}
     scene_seeds = held_out_scene_seeds(config.closed_loop_episodes, config.seed)
     stage("driving the expert on the held-out scenes")
-    references = {s: rollout(expert_decider, s, scene_seeds) for s in SCENARIOS}
+    references = {s: rollout(expert_decider, s, scene_seeds, max_decisions=config.max_decisions) for s in SCENARIOS}
     expert_closed = {s: closed_loop_scores(references[s], references[s]) for s in SCENARIOS}
     results: dict[str, Any] = {}
     for name in config.policies:
@@ -321,6 +326,25 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
     return document
 
 
+def remeasure_latency(config: DrivingBenchConfig) -> dict[str, Any]:
+    """Time the trained policies' batch-1 decisions again, side by side in one process (for a quiet machine
+    after a run whose evaluation shared the CPU); updates ``results.json``, ``results.md`` and the targets."""
+    out = Path(config.out_dir)
+    document = json.loads((out / "results.json").read_text())
+    path = data_path(config)
+    _, test_seeds = split_seeds(path)
+    obs_keys = ("ego", "command", "agents", "agents_mask", "lanes", "lanes_mask")
+    test_obs = read_rows(path, test_seeds, 1, obs_keys)
+    for name, result in document["policies"].items():
+        policy = DrivingPolicy.load(out / name / "policy.safetensors", map_location=_device(config)).eval()
+        result["latency_batch1"] = decision_latency(policy, test_obs, config.latency_repeats)
+    document["machine"] = machine_info()
+    document["targets"] = check_targets(document["policies"])
+    _write_json(out / "results.json", document)
+    (out / "results.md").write_text(markdown_table(document))
+    return document
+
+
 def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows: Mapping[str, np.ndarray],
                     test_obs: Mapping[str, np.ndarray], scene_seeds: np.ndarray,
                     references: Mapping[str, Rollout]) -> dict[str, Any]:
@@ -339,7 +363,7 @@ def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows
     closed: dict[str, Any] = {}
     decide_s, decisions = 0.0, 0
     for scenario in SCENARIOS:
-        run = rollout(lambda sim: agent.decider(), scenario, scene_seeds)
+        run = rollout(lambda sim: agent.decider(), scenario, scene_seeds, max_decisions=config.max_decisions)
         scores = closed_loop_scores(run, references[scenario])
         closed[scenario] = summarise(scores, (*SUB_SCORES, "collision", "route_completion"))
         decide_s, decisions = decide_s + run.decide_s, decisions + run.decisions
@@ -452,7 +476,8 @@ def draw_pictures(config: DrivingBenchConfig, test_rows: Mapping[str, np.ndarray
                          modes=plan.modes[0].cpu().numpy(), scores=plan.scores[0].cpu().numpy(),
                          route=test_rows["route"][row], title=f"{scenario}: anchored modes by confidence")
     agent = DrivingAgent(policy, seed=config.seed)
-    run = rollout(lambda sim: agent.decider(), "intersection", scene_seeds[:1], n_envs=1)
+    run = rollout(lambda sim: agent.decider(), "intersection", scene_seeds[:1], n_envs=1,
+                  max_decisions=config.max_decisions)
     gif = episode_gif(out / "anchored_closed_loop.gif", make_map("intersection"), run, 0)
     return {"modes_png": str(png), "closed_loop_gif": str(gif)}
 

@@ -194,8 +194,9 @@ class VanillaDiffusionConfig(DrivingPolicyConfig):
     """trajgen.solvers name"""
     t_end: float = 0.0
     """where sampling ends"""
-    n_modes: int = 20
-    """samples per observation in ``plan`` (mode diversity); the first is the plan"""
+    n_modes: int = 1
+    """samples per observation drawn by ``plan`` (the plan is the first); a decision needs one, so more only
+    cost time -- ask ``plan(obs, n_modes=20)`` for the modes (mode diversity)"""
     clip_sample: bool = True
     """clip the sampled normalised plan to [-1, 1] (Diffusion Policy's clip_sample)"""
 
