@@ -26,7 +26,7 @@ from trajgen.envs.driving.expert import RuleExpert
 from trajgen.envs.driving.geometry import poses_from_ego_frame, poses_to_ego_frame, wrap_angle
 from trajgen.envs.driving.open_loop import EGO_SHAPE
 from trajgen.envs.driving.scoring import episode_scores
-from trajgen.envs.driving.sim import DrivingSim
+from trajgen.envs.driving.sim import DrivingSim, make_map
 from trajgen.envs.driving.tracking import N_POSES, POSE_DT
 from trajgen.policies.driving import DrivingPolicy
 
@@ -209,8 +209,6 @@ def closed_loop_scores(run: Rollout, reference: Rollout) -> dict[str, FloatArray
     """
     if not np.array_equal(run.seeds, reference.seeds) or run.scenario != reference.scenario:
         raise ValueError("closed_loop_scores: the reference rollout must cover the same scenario and seeds")
-    from trajgen.envs.driving.sim import make_map
-
     road = make_map(run.scenario)
     idx = np.minimum(run.n_frames, reference.n_frames) - 1
     ref_progress = reference.route_progress[np.arange(idx.size), idx]

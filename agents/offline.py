@@ -156,7 +156,8 @@ def _summary(env_id: str, returns: np.ndarray) -> dict[str, Any]:
 
 def decision_latency(policy: OfflinePolicy, obs_dim: int, n: int = 100, *, warmup: int = 5,
                      seed: int = 0) -> dict[str, float]:
-    """Wall time of one decision at batch 1: ``{"median_ms", "p99_ms", "mean_ms", "n", "nfe"}``.
+    """Wall time of one decision at batch 1: ``{"median_ms", "p99_ms", "mean_ms", "n", "nfe", "times_ms"}``
+    (``times_ms`` holds every timed call, so runs can be pooled).
 
     Times ``n`` calls of :meth:`OfflineAgent.act` on random observations [1, obs_dim] (after ``warmup``
     untimed calls), synchronising CUDA around each call when the policy runs there.
@@ -178,4 +179,4 @@ def decision_latency(policy: OfflinePolicy, obs_dim: int, n: int = 100, *, warmu
             times.append(1e3 * (time.perf_counter() - t0))
     ms = np.asarray(times)
     return {"median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "n": n, "nfe": policy.nfe}
+            "mean_ms": float(ms.mean()), "n": n, "nfe": policy.nfe, "times_ms": times}

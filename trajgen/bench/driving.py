@@ -42,6 +42,7 @@ from trajgen.envs.driving.sim import SCENARIOS
 from trajgen.nets import count_parameters
 from trajgen.policies.anchors import kmeans_anchors, trajectory_bounds
 from trajgen.policies.driving import (
+    OBSERVATION_KEYS,
     AnchoredDiffusionConfig,
     AnchoredDiffusionPolicy,
     DrivingPolicy,
@@ -53,6 +54,7 @@ from trajgen.policies.driving import (
     train_driving_policy,
 )
 from trajgen.training import TrainerConfig
+from trajgen.training.checkpoint import atomic_write_bytes
 
 POLICY_NAMES = ("anchored", "vanilla", "regression")
 SUB_SCORES = ("nc", "dac", "ttc", "ep", "c", "pdms")
@@ -287,7 +289,7 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
     train_seeds, test_seeds = split_seeds(path)
     dataset = DrivingSamples(path, seeds=train_seeds)
     train_plans = dataset.arrays["trajectory"]
-    obs_keys = ("ego", "command", "agents", "agents_mask", "lanes", "lanes_mask")
+    obs_keys = OBSERVATION_KEYS
     test_rows = read_rows(path, test_seeds, config.open_loop_rows, (*LOG_KEYS, *obs_keys))
     test_obs = {k: test_rows[k] for k in obs_keys}
     scene_seeds = held_out_scene_seeds(config.closed_loop_episodes, config.seed)
@@ -333,7 +335,7 @@ def remeasure_latency(config: DrivingBenchConfig) -> dict[str, Any]:
     document = json.loads((out / "results.json").read_text())
     path = data_path(config)
     _, test_seeds = split_seeds(path)
-    obs_keys = ("ego", "command", "agents", "agents_mask", "lanes", "lanes_mask")
+    obs_keys = OBSERVATION_KEYS
     test_obs = read_rows(path, test_seeds, 1, obs_keys)
     for name, result in document["policies"].items():
         policy = DrivingPolicy.load(out / name / "policy.safetensors", map_location=_device(config)).eval()
@@ -490,9 +492,7 @@ def _interesting_row(rows: Mapping[str, np.ndarray]) -> int:
 
 
 def _write_json(path: Path, document: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(document, indent=2, default=_json_default).encode())
 
 
 def _json_default(value: Any) -> Any:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trajgen.agents.offline import OfflineAgent, evaluate
+from trajgen.agents.offline import decision_latency, evaluate
 from trajgen.bench.solvers import machine_info
 from trajgen.envs.mujoco import ENV_IDS, collect_mujoco, env_name, load_mujoco_dataset, normalized_score
 from trajgen.envs.mujoco.collect import LEVELS
@@ -279,25 +279,8 @@ def measure_latency(policy: OfflinePolicy, calls: int, warmup: int = 5) -> dict[
 
 
 def _eager_latency(policy: OfflinePolicy, calls: int, warmup: int) -> dict[str, Any]:
-    stats, times = _timed_decisions(policy, calls, warmup)
-    return {**stats, "times_ms": times, "device": str(policy.device), "cuda_graph": False}
-
-
-def _timed_decisions(policy: OfflinePolicy, calls: int, warmup: int) -> tuple[dict[str, Any], list[float]]:
-    """``agents.offline.decision_latency``'s loop (same agent, observations, warm-up and synchronisation),
-    keeping every call's time so that seeds can be pooled."""
-    agent = OfflineAgent(policy, seed=0)
-    obs = np.random.default_rng(0).standard_normal((calls + warmup, 1, policy.obs_dim))
-    sync = _synchronizer(policy.device)
-    times = []
-    for i in range(calls + warmup):
-        sync()
-        t0 = time.perf_counter()
-        agent.act(obs[i])
-        sync()
-        if i >= warmup:
-            times.append(1e3 * (time.perf_counter() - t0))
-    return _latency_stats(times, policy.nfe), times
+    stats = decision_latency(policy, policy.obs_dim, calls, warmup=warmup)
+    return {**stats, "device": str(policy.device), "cuda_graph": False}
 
 
 def cuda_graph_latency(policy: OfflinePolicy, calls: int, warmup: int = 5) -> dict[str, Any]:
