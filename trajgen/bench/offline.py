@@ -317,12 +317,6 @@ def cuda_graph_latency(policy: OfflinePolicy, calls: int, warmup: int = 5) -> di
     return {**_latency_stats(times, policy.nfe), "times_ms": times, "device": str(device), "cuda_graph": True}
 
 
-def _synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
 def _latency_stats(times: Sequence[float], nfe: int) -> dict[str, Any]:
     ms = np.asarray(times)
     return {"median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
