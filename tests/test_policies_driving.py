@@ -202,12 +202,12 @@ class IdentityDecoder(nn.Module):
         self.schedule, self.favourite, self.n_anchors, self.stages = schedule, favourite, n_anchors, stages
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, x_t, t, scene, every_stage=True):
+    def forward(self, x_t, t, scene, every_stage=True, classify=True):
         self.calls.append((x_t.clone(), t.clone()))
         x0 = x_t / self.schedule.alpha(t.double()).float().view(-1, 1, 1, 1)
         logits = torch.full((x_t.shape[0], self.n_anchors), -3.0)
         logits[:, self.favourite] = 3.0
-        return [(x0, logits)] * self.stages
+        return [(x0, logits if classify else None)] * self.stages
 
 
 @pytest.mark.parametrize("steps", [2, 3])

@@ -19,11 +19,13 @@ One run (:func:`run_driving_benchmark`):
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
 import statistics
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +62,8 @@ POLICY_NAMES = ("anchored", "vanilla", "regression")
 SUB_SCORES = ("nc", "dac", "ttc", "ep", "c", "pdms")
 TEST_FRACTION = 0.1
 TARGET_LATENCY_RATIO = 8.0
+LATENCY_OBS_FILE = "latency_obs.npz"
+LATENCY_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ class DrivingBenchConfig:
     """held-out scenes per scenario driven closed-loop."""
     latency_repeats: int = 100
     """batch-1 decisions timed per policy (after warm-up)."""
+    latency_obs: str | None = None
+    """an .npz of held-out observations (OBSERVATION_KEYS, [R, ...]) to time decisions on; default: rows of the
+    data file, saved as ``out_dir/latency_obs.npz`` (which ``--latency-only`` uses when the data file is absent)."""
     max_decisions: int = 1000
     """closed-loop episodes stop after this many decisions (2 per second) if the time limit has not come first."""
     seed: int = 0
@@ -221,7 +228,8 @@ def plan_batched(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], *, modes:
 
 
 def decision_latency(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repeats: int) -> dict[str, float]:
-    """Median and p99 wall time (ms) of one batch-1 decision (the plan the agent executes), after warm-up."""
+    """Median and p99 wall time (ms) of one eager batch-1 decision (the plan the agent executes) on the first
+    observation of ``obs`` ([R, ...]), after warm-up."""
     one = {k: v[:1] for k, v in obs.items()}
     kwargs = {"n_modes": 1} if isinstance(policy, VanillaDiffusionPolicy) else {}
     sync = torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
@@ -235,6 +243,88 @@ def decision_latency(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repea
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return {"median_ms": statistics.median(times), "p99_ms": float(np.percentile(times, 99)), "repeats": repeats}
+
+
+def graphed_decision_latency(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repeats: int,
+                             warmup: int = 3) -> dict[str, Any]:
+    """Median and p99 wall time (ms) of one batch-1 decision replayed from a CUDA graph (``policy.cuda_graph``).
+
+    Each timed call is what a control loop pays: the host check and host-to-device copy of a new observation
+    (cycling through the R rows of ``obs`` [R, ...]), the replay, and the copy of the plan [1, H, 3] back to
+    numpy. The policy must be on a CUDA device (ValueError otherwise).
+    """
+    rows = len(obs["ego"])
+    singles = [{k: np.asarray(v[i: i + 1]) for k, v in obs.items()} for i in range(rows)]
+    kwargs = {"n_modes": 1} if isinstance(policy, VanillaDiffusionPolicy) else {}
+    graphed = policy.cuda_graph(singles[0], **kwargs)
+    for i in range(warmup):
+        graphed(singles[i % rows]).trajectory.cpu().numpy()
+    times = []
+    for i in range(repeats):
+        one = singles[i % rows]
+        torch.cuda.synchronize(policy.device)
+        start = time.perf_counter()
+        graphed(one).trajectory.cpu().numpy()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "p99_ms": float(np.percentile(times, 99)), "repeats": repeats,
+            "cuda_graph": True}
+
+
+def batch1_latencies(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repeats: int, eager: bool = True
+                     ) -> dict[str, Any]:
+    """``{"latency_batch1": eager}`` (unless ``eager`` is False), and on CUDA also ``"latency_batch1_graph"``: the
+    graph timing, or ``{"error": ...}`` when the capture failed (the eager figure is kept either way)."""
+    out: dict[str, Any] = {"latency_batch1": decision_latency(policy, obs, repeats)} if eager else {}
+    if policy.device.type == "cuda":
+        try:
+            out["latency_batch1_graph"] = graphed_decision_latency(policy, obs, repeats)
+        except (RuntimeError, ValueError) as error:
+            traceback.print_exc()
+            out["latency_batch1_graph"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    return out
+
+
+def write_latency_observations(data: str | os.PathLike[str], out: str | os.PathLike[str],
+                               rows: int = LATENCY_ROWS) -> Path:
+    """Save ``rows`` held-out observations (test-split scene seeds, OBSERVATION_KEYS) of a ``trajgen collect
+    driving`` file as an .npz for ``DrivingBenchConfig.latency_obs`` (a few hundred KB); returns its path."""
+    _, test_seeds = split_seeds(Path(data))
+    arrays = read_rows(Path(data), test_seeds, rows, OBSERVATION_KEYS)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(out, buffer.getvalue())
+    return Path(out)
+
+
+def load_latency_observations(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The observations of a :func:`write_latency_observations` file: OBSERVATION_KEYS -> [R, ...], R >= 1."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"latency_obs: no file at {path}")
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    missing = [k for k in OBSERVATION_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"latency_obs: {path} is missing key(s) {missing}; it has {sorted(arrays)}")
+    rows = {k: arrays[k].shape[0] if arrays[k].ndim else 0 for k in OBSERVATION_KEYS}
+    if min(rows.values()) < 1 or len(set(rows.values())) != 1:
+        raise ValueError(f"latency_obs: {path} needs the same number R >= 1 of rows [R, ...] in every key, got {rows}")
+    return {k: arrays[k] for k in OBSERVATION_KEYS}
+
+
+def latency_observations(config: DrivingBenchConfig) -> dict[str, np.ndarray]:
+    """Observations to time decisions on: ``config.latency_obs``; else held-out rows of the data file (also saved
+    as ``out_dir/latency_obs.npz``); else that saved file."""
+    if config.latency_obs:
+        return load_latency_observations(config.latency_obs)
+    saved = Path(config.out_dir) / LATENCY_OBS_FILE
+    path = data_path(config)
+    if path.is_file():
+        return load_latency_observations(write_latency_observations(path, saved))
+    if saved.is_file():
+        return load_latency_observations(saved)
+    raise ValueError(f"no observations to time: no data file at {path} and no {saved}; pass --latency-obs FILE "
+                     f"(write one with trajgen.bench.driving.write_latency_observations)")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -292,6 +382,7 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
     obs_keys = OBSERVATION_KEYS
     test_rows = read_rows(path, test_seeds, config.open_loop_rows, (*LOG_KEYS, *obs_keys))
     test_obs = {k: test_rows[k] for k in obs_keys}
+    write_latency_observations(path, out / LATENCY_OBS_FILE)  # lets --latency-only run without the data file
     scene_seeds = held_out_scene_seeds(config.closed_loop_episodes, config.seed)
     stage("driving the expert on the held-out scenes")
     references = {s: rollout(expert_decider, s, scene_seeds, max_decisions=config.max_decisions) for s in SCENARIOS}
@@ -330,16 +421,23 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
 
 def remeasure_latency(config: DrivingBenchConfig) -> dict[str, Any]:
     """Time the trained policies' batch-1 decisions again, side by side in one process (for a quiet machine
-    after a run whose evaluation shared the CPU); updates ``results.json``, ``results.md`` and the targets."""
+    after a run whose evaluation shared the CPU, or on a GPU); updates ``results.json``, ``results.md`` and the
+    targets. Needs only ``out_dir`` (results.json, <policy>/policy.safetensors) and observations (see
+    :func:`latency_observations`). On CUDA each policy also gets ``latency_batch1_graph``."""
     out = Path(config.out_dir)
-    document = json.loads((out / "results.json").read_text())
-    path = data_path(config)
-    _, test_seeds = split_seeds(path)
-    obs_keys = OBSERVATION_KEYS
-    test_obs = read_rows(path, test_seeds, 1, obs_keys)
+    results_file = out / "results.json"
+    if not results_file.is_file():
+        raise ValueError(f"--latency-only needs a finished run: no {results_file}")
+    document = json.loads(results_file.read_text())
+    test_obs = latency_observations(config)
+    policies = {name: DrivingPolicy.load(out / name / "policy.safetensors", map_location=_device(config)).eval()
+                for name in document["policies"]}
+    # every eager figure first: a failed graph capture cannot then cost the eager numbers of the next policy
     for name, result in document["policies"].items():
-        policy = DrivingPolicy.load(out / name / "policy.safetensors", map_location=_device(config)).eval()
-        result["latency_batch1"] = decision_latency(policy, test_obs, config.latency_repeats)
+        result.pop("latency_batch1_graph", None)  # a CPU remeasure must not keep an old GPU figure
+        result["latency_batch1"] = decision_latency(policies[name], test_obs, config.latency_repeats)
+    for name, result in document["policies"].items():
+        result.update(batch1_latencies(policies[name], test_obs, config.latency_repeats, eager=False))
     document["machine"] = machine_info()
     document["targets"] = check_targets(document["policies"])
     _write_json(out / "results.json", document)
@@ -377,7 +475,7 @@ def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows
         "open_loop": {"all": summarise(open_scores, SUB_SCORES), **by_scenario},
         "closed_loop": closed,
         "mode_diversity": diversity,
-        "latency_batch1": decision_latency(policy, test_obs, config.latency_repeats),
+        **batch1_latencies(policy, test_obs, config.latency_repeats),
         "closed_loop_batched_ms_per_decision": 1e3 * decide_s / max(decisions, 1),
     }
 
@@ -398,12 +496,14 @@ def check_targets(results: Mapping[str, Any]) -> dict[str, Any]:
     targets: dict[str, Any] = {}
     if {"anchored", "vanilla"} <= set(results):
         a, v = results["anchored"], results["vanilla"]
-        ratio = v["latency_batch1"]["median_ms"] / a["latency_batch1"]["median_ms"]
+        graph = uses_graph_latency(results)
+        key = "latency_batch1_graph" if graph else "latency_batch1"
+        ratio = v[key]["median_ms"] / a[key]["median_ms"]
         for mode in ("open_loop", "closed_loop"):
             pa, pv = a[mode]["all"]["pdms"]["mean"], v[mode]["all"]["pdms"]["mean"]
             targets[f"anchored_pdms_ge_vanilla_{mode}"] = {"anchored": pa, "vanilla": pv, "met": pa >= pv}
         targets["latency_ratio_vanilla_over_anchored"] = {"ratio": ratio, "target": TARGET_LATENCY_RATIO,
-                                                          "met": ratio >= TARGET_LATENCY_RATIO}
+                                                          "met": ratio >= TARGET_LATENCY_RATIO, "cuda_graph": graph}
         da, dv = a["mode_diversity"]["mean"], v["mode_diversity"]["mean"]
         targets["anchored_more_diverse"] = {"anchored": da, "vanilla": dv, "met": da > dv}
     if {"anchored", "regression"} <= set(results):
@@ -411,6 +511,21 @@ def check_targets(results: Mapping[str, Any]) -> dict[str, Any]:
             pa, pr = results["anchored"][mode]["all"]["pdms"]["mean"], results["regression"][mode]["all"]["pdms"]["mean"]
             targets[f"anchored_pdms_gt_regression_{mode}"] = {"anchored": pa, "regression": pr, "met": pa > pr}
     return targets
+
+
+def uses_graph_latency(results: Mapping[str, Any]) -> bool:
+    """Whether both diffusion policies have a CUDA-graph latency (then the latency target compares those)."""
+    return all("median_ms" in results.get(name, {}).get("latency_batch1_graph", {}) for name in ("anchored", "vanilla"))
+
+
+def _latency_cell(result: Mapping[str, Any]) -> str:
+    """'eager median / p99', plus '; graph median / p99' (or 'graph failed') when a CUDA-graph timing exists."""
+    lat = result["latency_batch1"]
+    cell = f"{lat['median_ms']:.1f} / {lat['p99_ms']:.1f}"
+    graph = result.get("latency_batch1_graph")
+    if graph is not None:
+        cell += f"; graph {graph['median_ms']:.2f} / {graph['p99_ms']:.2f}" if "median_ms" in graph else "; graph failed"
+    return cell
 
 
 def markdown_table(document: Mapping[str, Any]) -> str:
@@ -427,12 +542,15 @@ def markdown_table(document: Mapping[str, Any]) -> str:
     for name, r in document["policies"].items():
         ol, cl = r["open_loop"]["all"], r["closed_loop"]["all"]
         div = pm(r["mode_diversity"]) if r["mode_diversity"] else "-"
-        lat = r["latency_batch1"]
         lines.append(
             f"| {name} | {r['nfe']} | {pm(ol['pdms'])} | {ol['nc']['mean']:.3f} | {ol['dac']['mean']:.3f} | "
             f"{ol['ttc']['mean']:.3f} | {ol['ep']['mean']:.3f} | {ol['c']['mean']:.3f} | {pm(cl['pdms'])} | "
             f"{cl['collision']['mean']:.3f} | {cl['route_completion']['mean']:.3f} | {div} | "
-            f"{lat['median_ms']:.1f} / {lat['p99_ms']:.1f} | {r['parameters'] / 1e6:.2f}M |")
+            f"{_latency_cell(r)} | {r['parameters'] / 1e6:.2f}M |")
+    if any("latency_batch1_graph" in r for r in document["policies"].values()):
+        lines.append("")
+        lines.append("Latency: batch-1 decision, eager; 'graph' = the whole decision replayed from one CUDA graph, "
+                     "including the host-to-device copy of the observation and the copy of the plan back.")
     expert = document["expert_closed_loop"]
     lines.append("")
     lines.append("Expert (closed loop, reference for EP): " + ", ".join(
@@ -503,4 +621,6 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-__all__ = ["DrivingBenchConfig", "check_targets", "markdown_table", "run_driving_benchmark"]
+__all__ = ["DrivingBenchConfig", "batch1_latencies", "check_targets", "decision_latency", "graphed_decision_latency",
+           "load_latency_observations", "markdown_table", "remeasure_latency", "run_driving_benchmark",
+           "write_latency_observations"]

@@ -221,6 +221,13 @@ class DrivingPlan:
     scores: Tensor | None = None
 
 
+def check_plan_finite(decision: DrivingPlan) -> None:
+    """Raise ValueError when a decision's plan (or any of its modes) holds NaN or inf (one host sync)."""
+    values = decision.modes if decision.modes is not None else decision.trajectory
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("the policy produced a plan with NaN or inf: check the weights and the observation")
+
+
 # ---------------------------------------------------------------------------------------------- base class
 
 
@@ -259,17 +266,43 @@ class DrivingPolicy(nn.Module):
 
     def plan(self, obs: Mapping[str, Any], generator: torch.Generator | None = None, **kwargs: Any) -> DrivingPlan:
         """Plans for a batch of observations ([B, ...], or one unbatched observation -> B = 1), under no_grad
-        and in eval mode (the previous mode is restored)."""
+        and in eval mode (the previous mode is restored).
+
+        The observation is validated once here; :meth:`_plan` then runs on device tensors with no host sync
+        (the same code a CUDA graph captures, see :meth:`cuda_graph`), and the plan is checked for NaN / inf.
+        """
         was_training = self.training
         self.eval()
         try:
             with torch.no_grad():
-                return self._plan(obs, generator, **kwargs)
+                decision = self._plan(self.observation_tensors(obs), generator, **kwargs)
         finally:
             self.train(was_training)
+        check_plan_finite(decision)
+        return decision
 
-    def _plan(self, obs: Mapping[str, Any], generator: torch.Generator | None, **kwargs: Any) -> DrivingPlan:
+    def observation_tensors(self, obs: Mapping[str, Any]) -> dict[str, Tensor]:
+        """``validate_observation`` for this policy: batched tensors [B, ...] on ``self.device``. Host inputs
+        (numpy, CPU tensors) are checked on the host and then copied, so a CUDA policy pays no device syncs."""
+        on_host = not isinstance(obs, Mapping) or all(not isinstance(v, Tensor) or v.device.type == "cpu"
+                                                      for v in obs.values())
+        device = self.device
+        tensors = validate_observation(obs, self.config.observation_spec, "cpu" if on_host else device)
+        return {k: v.to(device) for k, v in tensors.items()}
+
+    def _plan(self, obs: Mapping[str, Tensor], generator: torch.Generator | None, **kwargs: Any) -> DrivingPlan:
+        """Validated observation tensors [B, ...] on ``self.device`` -> the decision. Subclasses keep this free of
+        host syncs (no ``bool()``, ``.item()``, ``.cpu()``) and of CPU tensors, so a CUDA graph can hold it."""
         raise NotImplementedError
+
+    def cuda_graph(self, obs: Mapping[str, Any], *, warmup: int = 2, **kwargs: Any) -> GraphedPlanner:
+        """Capture the whole decision (scene encoder, sampler, mode choice) for observations shaped like ``obs``
+        ([B, ...] or one unbatched observation) in one CUDA graph; see :class:`GraphedPlanner`.
+
+        The policy must be on a CUDA device. Diffusion noise comes from the default CUDA generator, which
+        graphs replay with fresh values; ``kwargs`` go to ``_plan`` (e.g. ``n_modes`` for the vanilla policy).
+        """
+        return GraphedPlanner(self, obs, warmup=warmup, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -342,6 +375,61 @@ class DrivingPolicy(nn.Module):
             raise ValueError(f"{source} does not match {type(self).__name__}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}")
         self.load_state_dict(state)
+
+
+class GraphedPlanner:
+    """A driving policy's whole decision (scene encoder, sampler, mode choice) captured in one CUDA graph for a
+    fixed batch size B; build it with :meth:`DrivingPolicy.cuda_graph`.
+
+    ``graphed(obs)`` checks a new observation on the host (numpy or CPU tensors, the shapes given at capture),
+    copies it into the graph's static input tensors, replays the graph and returns a :class:`DrivingPlan` of
+    fresh device tensors: trajectory [B, H, 3] (and modes [B, K, H, 3], scores [B, K] when the policy has
+    them), checked for NaN / inf. Diffusion noise is drawn inside the graph from the default CUDA generator,
+    so every replay gets fresh noise. The policy's weights are read in place: load new weights with
+    ``load_state_dict`` (not by rebuilding the policy) and the graph uses them.
+    """
+
+    def __init__(self, policy: DrivingPolicy, obs: Mapping[str, Any], *, warmup: int = 2, **kwargs: Any) -> None:
+        if not isinstance(policy, DrivingPolicy):
+            raise TypeError(f"policy must be a DrivingPolicy, got {type(policy).__name__}")
+        device = policy.device
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph needs the policy on a CUDA device (policy.to('cuda')), got {device}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an integer >= 1, got {warmup!r}")
+        self.policy = policy.eval()
+        self.spec = policy.config.observation_spec
+        self.static_obs = {k: v.clone() for k, v in policy.observation_tensors(obs).items()}
+        self.batch_size = self.static_obs["ego"].shape[0]
+
+        def run() -> DrivingPlan:
+            with torch.no_grad():
+                return policy._plan(self.static_obs, None, **kwargs)
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):  # allocates the sampler's buffers and the lazily built constants
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_plan = run()
+
+    def __call__(self, obs: Mapping[str, Any]) -> DrivingPlan:
+        """New observation ([B, ...] or one unbatched observation when B = 1) -> the decision (device tensors)."""
+        tensors = validate_observation(obs, self.spec, "cpu")
+        batch = tensors["ego"].shape[0]
+        if batch != self.batch_size:
+            raise ValueError(f"the graph was captured for batch {self.batch_size}, got an observation batch of {batch}")
+        for key, value in tensors.items():
+            self.static_obs[key].copy_(value)
+        self.graph.replay()
+        out = self.static_plan
+        decision = DrivingPlan(out.trajectory.clone(), None if out.modes is None else out.modes.clone(),
+                               None if out.scores is None else out.scores.clone())
+        check_plan_finite(decision)
+        return decision
 
 
 def _read_policy_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
@@ -484,10 +572,10 @@ class CascadeDecoder(nn.Module):
         self.time_embedding = TimeEmbedding(config.d_model, activation="mish")
         self.stages = nn.ModuleList(DecoderStage(config) for _ in range(config.stages))
 
-    def forward(self, x_t: Tensor, t: Tensor, scene: SceneContext, every_stage: bool = True
+    def forward(self, x_t: Tensor, t: Tensor, scene: SceneContext, every_stage: bool = True, classify: bool = True
                 ) -> list[tuple[Tensor, Tensor]]:
         """``every_stage=False`` (inference) classifies only in the last stage; the earlier entries' logits are
-        then None."""
+        then None. ``classify=False`` skips classification in every stage (all logits None)."""
         plans = x_t.clamp(-1.0, 1.0)
         time_emb = self.time_embedding(t)
         features = torch.zeros_like(plans[..., 0, 0, None]).expand(*plans.shape[:2], time_emb.shape[-1])
@@ -495,7 +583,7 @@ class CascadeDecoder(nn.Module):
         last = len(self.stages) - 1
         for index, stage in enumerate(self.stages):
             query = self.query_encoder(self.normalizer.denormalize(plans)) + features
-            features, predicted, logits = stage(query, plans, scene, time_emb, classify=every_stage or index == last)
+            features, predicted, logits = stage(query, plans, scene, time_emb, classify=classify and (every_stage or index == last))
             outputs.append((predicted, logits))
             plans = predicted.detach()
         return outputs
@@ -529,6 +617,11 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
         self.schedule = _scaled_linear(config.diffusion_steps, config.beta_start, config.beta_end)
         self.sampler = Sampler(self.schedule, config.solver, config.steps, "x0", t_start=self.t_start,
                                t_end=config.t_end)
+        # alpha, sigma at t_start as Python floats: the float32 values add_noise computes for a float32 time, so
+        # x_start is bit-identical to schedule.add_noise and needs no schedule-table lookup on the device
+        t_start = torch.full((1,), self.t_start)
+        self._alpha_start = float(self.schedule.alpha(t_start).float())
+        self._sigma_start = float(self.schedule.sigma(t_start).float())
 
     @property
     def t_start(self) -> float:
@@ -543,7 +636,7 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
         """Noise every anchor to one step n < truncation_steps per sample; focal loss on the anchor nearest the
         expert plan + L1 on that anchor's predicted plan, summed over stages."""
         obs, expert = self._split_batch(batch)
-        scene = SceneContext.split(*self.encoder(obs), self.encoder)
+        scene = SceneContext.split(*self.encoder.encode(obs), self.encoder)
         batch_size, c = expert.shape[0], self.config
         anchors = self.normalizer.normalize(self.anchors).expand(batch_size, -1, -1, -1)
         t = sample_times(self.schedule, batch_size, t_max=c.truncation_steps / c.diffusion_steps, device=self.device)
@@ -560,11 +653,13 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
             metrics[f"cls_loss_{s}"], metrics[f"reg_loss_{s}"] = cls.detach(), reg.detach()
         return {"loss": total, **metrics}
 
-    def _plan(self, obs: Mapping[str, Any], generator: torch.Generator | None, noise: Tensor | None = None
+    def _plan(self, obs: Mapping[str, Tensor], generator: torch.Generator | None, noise: Tensor | None = None
               ) -> DrivingPlan:
         """Anchors noised to ``start_step`` (``noise`` [B, K, H, 3] overrides the Gaussian draw), ``steps``
-        solver steps, confidences from the last network call; the plan is the most confident mode."""
-        tokens, mask = self.encoder(obs)
+        solver steps, confidences from the last network call; the plan is the most confident mode.
+
+        obs: validated tensors [B, ...] -> plan [B, H, 3], modes [B, K, H, 3], scores [B, K]. No host sync."""
+        tokens, mask = self.encoder.encode(obs)
         scene = SceneContext.split(tokens, mask, self.encoder)
         batch_size = tokens.shape[0]
         anchors = self.normalizer.normalize(self.anchors).expand(batch_size, -1, -1, -1)
@@ -572,18 +667,22 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
             noise = torch.randn(anchors.shape, generator=generator, device=anchors.device)
         elif tuple(noise.shape) != tuple(anchors.shape):
             raise ValueError(f"noise must have shape [B, K, H, 3] = {list(anchors.shape)}, got {tuple(noise.shape)}")
-        x_start = self.schedule.add_noise(anchors, torch.full((batch_size,), self.t_start), noise.to(anchors))
+        # x_start = alpha(t_start) anchors + sigma(t_start) noise, with the coefficients precomputed on the host
+        x_start = self._alpha_start * anchors + self._sigma_start * noise.to(anchors)
         last_logits: list[Tensor] = []
 
         def denoiser(x_t: Tensor, t: Tensor) -> Tensor:
-            plans, logits = self.decoder(x_t, t.to(x_t.dtype), scene, every_stage=False)[-1]
-            last_logits[:] = [logits]
+            # only the last call's confidences are used: earlier calls skip the classification head
+            classify = len(last_logits) == self.sampler.nfe - 1
+            plans, logits = self.decoder(x_t, t.to(x_t.dtype), scene, every_stage=False, classify=classify)[-1]
+            last_logits.append(logits)
             return plans
 
-        modes = self.normalizer.denormalize(self.sampler(denoiser, x_start, generator=generator))
-        scores = torch.sigmoid(last_logits[0])
+        modes = self.normalizer.denormalize(self.sampler(denoiser, x_start, generator=generator, validate=False))
+        scores = torch.sigmoid(last_logits[-1])
         best = scores.argmax(dim=-1)
-        return DrivingPlan(modes[torch.arange(batch_size), best], modes, scores)
+        plan = torch.take_along_dim(modes, best[:, None, None, None], dim=1)[:, 0]
+        return DrivingPlan(plan, modes, scores)
 
 
 # ---------------------------------------------------------------------------------------------- vanilla diffusion
@@ -607,6 +706,7 @@ class VanillaDiffusionPolicy(DrivingPolicy):
         self.schedule = _scaled_linear(config.diffusion_steps, config.beta_start, config.beta_end)
         self.diffusion_loss = DiffusionLoss(self.schedule, config.prediction)
         self.sampler = Sampler(self.schedule, config.solver, config.steps, config.prediction, t_end=config.t_end)
+        self._prior_scale = float(self.schedule.sigma(1.0))  # schedule.prior_noise's scale, computed once
 
     @property
     def nfe(self) -> int:
@@ -619,24 +719,27 @@ class VanillaDiffusionPolicy(DrivingPolicy):
     def loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Denoising loss (``prediction`` space MSE) on the normalised expert plan."""
         obs, expert = self._split_batch(batch)
-        tokens, mask = self.encoder(obs)
+        tokens, mask = self.encoder.encode(obs)
         loss = self.diffusion_loss(self._denoise, self.normalizer.normalize(expert), tokens=tokens,
                                    token_mask=mask)
         return {"loss": loss.mean()}
 
-    def _plan(self, obs: Mapping[str, Any], generator: torch.Generator | None, n_modes: int | None = None
+    def _plan(self, obs: Mapping[str, Tensor], generator: torch.Generator | None, n_modes: int | None = None
               ) -> DrivingPlan:
-        """``n_modes`` (default config.n_modes) samples per scene in one batch; the plan is the first."""
+        """``n_modes`` (default config.n_modes) samples per scene in one batch; the plan is the first.
+
+        obs: validated tensors [B, ...] -> plan [B, H, 3], modes [B, n_modes, H, 3]. No host sync."""
         n_modes = self.config.n_modes if n_modes is None else n_modes
         if n_modes < 1:
             raise ValueError(f"n_modes must be >= 1, got {n_modes}")
-        tokens, mask = self.encoder(obs)
+        tokens, mask = self.encoder.encode(obs)
         batch_size = tokens.shape[0]
-        tokens, mask = tokens.repeat_interleave(n_modes, 0), mask.repeat_interleave(n_modes, 0)
-        x = self.schedule.prior_noise((batch_size * n_modes, self.config.horizon, POSE_DIM), generator=generator,
-                                      device=tokens.device)
+        if n_modes > 1:
+            tokens, mask = tokens.repeat_interleave(n_modes, 0), mask.repeat_interleave(n_modes, 0)
+        x = self._prior_scale * torch.randn((batch_size * n_modes, self.config.horizon, POSE_DIM),
+                                            generator=generator, device=tokens.device)
         sample = self.sampler(lambda x_t, t: self._denoise(x_t, t.to(x_t.dtype), tokens, mask), x,
-                              generator=generator)
+                              generator=generator, validate=False)
         if self.config.clip_sample:
             sample = sample.clamp(-1.0, 1.0)
         modes = self.normalizer.denormalize(sample).unflatten(0, (batch_size, n_modes))
@@ -667,9 +770,9 @@ class RegressionPolicy(DrivingPolicy):
             in_dim = config.head_hidden
         self.head = nn.Sequential(*layers, nn.Linear(in_dim, config.horizon * POSE_DIM))
 
-    def _predict(self, obs: Mapping[str, Any]) -> Tensor:
-        """Observation -> plans [B, H, 3] in metres / radians."""
-        tokens, mask = self.encoder(obs)
+    def _predict(self, obs: Mapping[str, Tensor]) -> Tensor:
+        """Validated observation tensors [B, ...] -> plans [B, H, 3] in metres / radians."""
+        tokens, mask = self.encoder.encode(obs)
         query = self.query.expand(tokens.shape[0], -1, -1)
         feature = self.norm(query + self.attn(query, tokens, key_mask=mask))[:, 0]
         out = self.head(torch.cat([feature, tokens[:, 0]], dim=-1)).unflatten(-1, (self.config.horizon, POSE_DIM))
@@ -680,7 +783,8 @@ class RegressionPolicy(DrivingPolicy):
         obs, expert = self._split_batch(batch)
         return {"loss": (self._predict(obs) - expert).abs().mean()}
 
-    def _plan(self, obs: Mapping[str, Any], generator: torch.Generator | None) -> DrivingPlan:
+    def _plan(self, obs: Mapping[str, Tensor], generator: torch.Generator | None) -> DrivingPlan:
+        """obs: validated tensors [B, ...] -> plan [B, H, 3]. No host sync."""
         return DrivingPlan(self._predict(obs), None, None)
 
 

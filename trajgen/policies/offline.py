@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from trajgen.data.d4rl import D4RLDataset, GaussianNormalizer, SequenceDataset, load_d4rl
 from trajgen.diffusion import SCHEDULES, DiffusionLoss, Schedule, make_schedule
-from trajgen.guidance import ClassifierFreeGuidance, condition_on_first_state
+from trajgen.guidance import ClassifierFreeGuidance, Inpainting
 from trajgen.nets import CausalGPT, ResidualMLP, TemporalUnet1d
 from trajgen.solvers import Sampler, get_solver
 from trajgen.training import Trainer, TrainerConfig, seed_everything
@@ -378,15 +378,20 @@ class OfflinePolicy:
         return np.maximum(remaining, floor)
 
     def act(self, obs: Tensor, returns_to_go: Tensor | None = None, *,
-            generator: torch.Generator | None = None) -> Tensor:
-        """obs [B, S] raw, returns_to_go [B] raw (None: ``default_return``) -> actions [B, A] raw."""
+            generator: torch.Generator | None = None, validate: bool = True) -> Tensor:
+        """obs [B, S] raw, returns_to_go [B] raw (None: ``default_return``) -> actions [B, A] raw.
+
+        ``validate=False`` skips the samplers' finiteness checks (host syncs): with it and ``returns_to_go``
+        None, ``act`` on device tensors has no host sync and no host tensor, so a CUDA graph can capture it
+        (check the actions yourself after the replay)."""
         obs = self._check_obs(obs)
         with torch.no_grad():
             states = self.model.normalize_states(obs)
             cond = self._condition(returns_to_go, obs.shape[0])
-            return self.model.unnormalize_actions(self._act_normalized(states, cond, generator))
+            return self.model.unnormalize_actions(self._act_normalized(states, cond, generator, validate))
 
-    def _act_normalized(self, states: Tensor, cond: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _act_normalized(self, states: Tensor, cond: Tensor, generator: torch.Generator | None,
+                        validate: bool = True) -> Tensor:
         raise NotImplementedError
 
     def _check_obs(self, obs: Tensor) -> Tensor:
@@ -410,7 +415,8 @@ class OfflinePolicy:
 class BehaviorCloningPolicy(OfflinePolicy):
     """a = pi(s): one MLP call; ignores the return condition."""
 
-    def _act_normalized(self, states: Tensor, cond: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _act_normalized(self, states: Tensor, cond: Tensor, generator: torch.Generator | None,
+                        validate: bool = True) -> Tensor:
         return self.model.actor(states)
 
 
@@ -428,12 +434,14 @@ class PlanningPolicy(OfflinePolicy):
             out[:, 0] = obs  # the pinned state, without the round-off of unnormalising
             return out
 
-    def plan_normalized(self, states: Tensor, cond: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    def plan_normalized(self, states: Tensor, cond: Tensor, *, generator: torch.Generator | None = None,
+                        validate: bool = True) -> Tensor:
         """states [B, S] normalised, cond [B, 1] -> plan [B, H, S] normalised with plan[:, 0] = states."""
         raise NotImplementedError
 
-    def _act_normalized(self, states: Tensor, cond: Tensor, generator: torch.Generator | None) -> Tensor:
-        plan = self.plan_normalized(states, cond, generator=generator)
+    def _act_normalized(self, states: Tensor, cond: Tensor, generator: torch.Generator | None,
+                        validate: bool = True) -> Tensor:
+        plan = self.plan_normalized(states, cond, generator=generator, validate=validate)
         return self.model.inverse_dynamics(torch.cat([plan[:, 0], plan[:, 1]], dim=-1))
 
     def draft(self, states: Tensor, cond: Tensor, steps: int | None = None) -> Tensor:
@@ -449,10 +457,12 @@ class DecisionTransformerPolicy(PlanningPolicy):
     def nfe(self) -> int:
         return 2  # one GPT forward, one inverse-dynamics call
 
-    def plan_normalized(self, states: Tensor, cond: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    def plan_normalized(self, states: Tensor, cond: Tensor, *, generator: torch.Generator | None = None,
+                        validate: bool = True) -> Tensor:
         return self.draft(states, cond)
 
-    def _act_normalized(self, states: Tensor, cond: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _act_normalized(self, states: Tensor, cond: Tensor, generator: torch.Generator | None,
+                        validate: bool = True) -> Tensor:
         plan = self.draft(states, cond, steps=1)   # only s_1 is acted on: do not roll out the rest
         return self.model.inverse_dynamics(torch.cat([plan[:, 0], plan[:, 1]], dim=-1))
 
@@ -463,6 +473,7 @@ class DiffusionPlanningPolicy(PlanningPolicy):
     def __init__(self, model: OfflineModel, *, env_id: str | None = None) -> None:
         super().__init__(model, env_id=env_id)
         self._samplers: dict[tuple[str, int, float], Sampler] = {}
+        self._noise_levels: dict[float, tuple[float, float]] = {}
 
     def denoiser(self, guidance_scale: float | None = None) -> ClassifierFreeGuidance:
         """The UNet under classifier-free guidance (scale default: the config's)."""
@@ -478,8 +489,18 @@ class DiffusionPlanningPolicy(PlanningPolicy):
                                           t_start=t_start)
         return self._samplers[key]
 
+    def noise_level(self, t: float) -> tuple[float, float]:
+        """(alpha(t), sigma(t)) as Python floats, the float32 values ``schedule.add_noise`` uses for a float32
+        time t; cached, so sampling reads no schedule table on the device."""
+        if t not in self._noise_levels:
+            time = torch.tensor(float(t))
+            schedule = self.model.schedule
+            self._noise_levels[t] = (float(schedule.alpha(time).float()), float(schedule.sigma(time).float()))
+        return self._noise_levels[t]
+
     def diffuse(self, states: Tensor, cond: Tensor, *, steps: int | None = None, solver: str | None = None,
-                guidance_scale: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+                guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                validate: bool = True) -> Tensor:
         """Decision Diffuser sampling: plan [B, H, S] from pure noise x_1 ~ N(0, sigma(1)^2) with s_0 pinned.
 
         states [B, S], cond [B, 1] (normalised); ``steps`` default: the config's ``sample_steps``.
@@ -488,10 +509,12 @@ class DiffusionPlanningPolicy(PlanningPolicy):
         shape = (states.shape[0], self.config.horizon, self.obs_dim)
         x = pin(self.model.schedule.prior_noise(shape, generator=generator, device=states.device), None)
         sampler = self.sampler(1.0, steps or self.config.sample_steps, solver)
-        return sampler(self.denoiser(guidance_scale), x, constraint=pin, generator=generator, cond=cond)
+        return sampler(self.denoiser(guidance_scale), x, constraint=pin, generator=generator, validate=validate,
+                       cond=cond)
 
     def refine(self, draft: Tensor, cond: Tensor, *, t_mid: float, steps: int, solver: str | None = None,
-               guidance_scale: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+               guidance_scale: float | None = None, generator: torch.Generator | None = None,
+               validate: bool = True) -> Tensor:
         """Trajectory Diffuser refinement: noise ``draft`` [B, H, S] to ``t_mid`` and integrate back to t_end.
 
         x_{t_mid} = alpha(t_mid) draft + sigma(t_mid) eps (at t_mid = 1 the prior sigma(1) eps, exactly as
@@ -505,12 +528,20 @@ class DiffusionPlanningPolicy(PlanningPolicy):
             x = self.model.schedule.prior_noise(draft.shape, generator=generator, device=draft.device)
         else:
             eps = torch.randn(draft.shape, generator=generator, device=draft.device)
-            x = self.model.schedule.add_noise(draft, torch.tensor(t_mid), eps)
+            alpha, sigma = self.noise_level(t_mid)  # schedule.add_noise(draft, t_mid, eps) without device tables
+            x = alpha * draft + sigma * eps
         sampler = self.sampler(t_mid, steps, solver)
-        return sampler(self.denoiser(guidance_scale), pin(x, None), constraint=pin, generator=generator, cond=cond)
+        return sampler(self.denoiser(guidance_scale), pin(x, None), constraint=pin, generator=generator,
+                       validate=validate, cond=cond)
 
-    def _first_state(self, states: Tensor) -> Any:
-        return condition_on_first_state(states, slice(None), horizon=self.config.horizon, dim=self.obs_dim)
+    def _first_state(self, states: Tensor) -> Inpainting:
+        """The constraint pinning plan[:, 0] = states [B, S] (``condition_on_first_state`` over every feature,
+        built with slices: a list index would copy an index tensor from the host, which a CUDA graph cannot)."""
+        known = states.new_zeros(states.shape[0], self.config.horizon, self.obs_dim)
+        known[:, 0] = states
+        mask = torch.zeros(1, self.config.horizon, self.obs_dim, dtype=torch.bool, device=states.device)
+        mask[:, 0] = True
+        return Inpainting(known, mask)
 
 
 class DecisionDiffuserPolicy(DiffusionPlanningPolicy):
@@ -520,8 +551,9 @@ class DecisionDiffuserPolicy(DiffusionPlanningPolicy):
     def nfe(self) -> int:
         return self.sampler(1.0, self.config.sample_steps).nfe + 1
 
-    def plan_normalized(self, states: Tensor, cond: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        return self.diffuse(states, cond, generator=generator)
+    def plan_normalized(self, states: Tensor, cond: Tensor, *, generator: torch.Generator | None = None,
+                        validate: bool = True) -> Tensor:
+        return self.diffuse(states, cond, generator=generator, validate=validate)
 
 
 class TrajectoryDiffuserPolicy(DiffusionPlanningPolicy):
@@ -535,11 +567,13 @@ class TrajectoryDiffuserPolicy(DiffusionPlanningPolicy):
         refine = self.sampler(c.t_mid, c.sample_steps).nfe if c.t_mid > self.model.schedule.t_end_default else 0
         return (c.horizon - 1) + refine + 1
 
-    def plan_normalized(self, states: Tensor, cond: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    def plan_normalized(self, states: Tensor, cond: Tensor, *, generator: torch.Generator | None = None,
+                        validate: bool = True) -> Tensor:
         c = self.config
         if not c.use_draft:
-            return self.diffuse(states, cond, generator=generator)
-        return self.refine(self.draft(states, cond), cond, t_mid=c.t_mid, steps=c.sample_steps, generator=generator)
+            return self.diffuse(states, cond, generator=generator, validate=validate)
+        return self.refine(self.draft(states, cond), cond, t_mid=c.t_mid, steps=c.sample_steps, generator=generator,
+                           validate=validate)
 
 
 POLICIES: dict[str, type[OfflinePolicy]] = {

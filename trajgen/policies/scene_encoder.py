@@ -150,6 +150,14 @@ class SceneEncoder(nn.Module):
         self.type_embedding = nn.Parameter(torch.randn(3, width) * 0.02)
         self.layers = nn.ModuleList(EncoderLayer(width, heads, mlp_ratio, dropout) for _ in range(layers))
         self.out_norm = nn.LayerNorm(width)
+        # input scales as device buffers (not rebuilt from Python lists per call: that is a host-to-device copy,
+        # which a CUDA graph cannot hold); non-persistent, so checkpoints are unchanged
+        self.register_buffer("ego_scale", torch.tensor([1.0 / speed_scale, 1.0 / 3.0, 1.0, 1.0]), persistent=False)
+        agent_scale = torch.ones(spec.agent_features)
+        agent_scale[:2] = 1.0 / position_scale
+        agent_scale[4:6] = 1.0 / speed_scale
+        agent_scale[6:8] = 0.2
+        self.register_buffer("agent_scale", agent_scale, persistent=False)
 
     @property
     def agent_slice(self) -> slice:
@@ -162,8 +170,14 @@ class SceneEncoder(nn.Module):
         return slice(1 + self.spec.n_agents, 1 + self.spec.n_agents + self.spec.n_lanes)
 
     def forward(self, obs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        """obs (contract keys, [B, ...] or one sample) -> (tokens [B, T, D], key_mask [B, T] bool), T = 1 + N + M."""
-        obs = validate_observation(obs, self.spec, self.type_embedding.device)
+        """obs (contract keys, [B, ...] or one sample) -> (tokens [B, T, D], key_mask [B, T] bool), T = 1 + N + M.
+
+        Validates ``obs`` (host syncs), then :meth:`encode`."""
+        return self.encode(validate_observation(obs, self.spec, self.type_embedding.device))
+
+    def encode(self, obs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Validated observation tensors (``validate_observation``'s output on this module's device)
+        -> (tokens [B, T, D], key_mask [B, T] bool). No checks and no host sync: CUDA-graph capturable."""
         ego = self.ego_mlp(torch.cat([self._scale_ego(obs["ego"]), obs["command"]], dim=-1))[:, None]
         agents = self.agent_mlp(self._scale_agents(obs["agents"]))
         lanes = self._encode_lanes(obs["lanes"])
@@ -177,15 +191,11 @@ class SceneEncoder(nn.Module):
 
     def _scale_ego(self, ego: Tensor) -> Tensor:
         """(speed, accel, steer, yaw rate) -> roughly unit-scale features."""
-        return ego * ego.new_tensor([1.0 / self.speed_scale, 1.0 / 3.0, 1.0, 1.0])
+        return ego * self.ego_scale
 
     def _scale_agents(self, agents: Tensor) -> Tensor:
         """(x, y, cos, sin, vx, vy, length, width) -> roughly unit-scale features (extra features pass as is)."""
-        scale = agents.new_ones(agents.shape[-1])
-        scale[:2] = 1.0 / self.position_scale
-        scale[4:6] = 1.0 / self.speed_scale
-        scale[6:8] = 0.2
-        return agents * scale
+        return agents * self.agent_scale
 
     def _encode_lanes(self, lanes: Tensor) -> Tensor:
         """[B, M, P, 2] centre-lines -> [B, M, D]: per-point MLP over (x, y, dx, dy), max over points."""
