@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import gymnasium as gym
@@ -124,6 +125,17 @@ def test_behaviour_resume_after_kill_equals_uninterrupted(quick_run, tmp_path, m
     assert final_a == final_b                                      # critics and targets too, bit for bit
     rep_a, rep_b = read_replay(run_dir), quick_run.replay()
     assert all(np.array_equal(rep_a[k], rep_b[k]) for k in rep_b)
+
+
+def test_behaviour_run_stops_at_total_steps_between_snapshots(tmp_path) -> None:
+    config = dataclasses.replace(QUICK, total_steps=500, checkpoint_every=150)   # 500 is no multiple of 150
+    run = train_behaviour(config, tmp_path / "run")
+    assert [s.step for s in run.snapshots] == [0, 150, 300, 450, 500]
+    assert len(run.replay()["rewards"]) == 500                    # every transition kept, none overwritten
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    del stored["device"]                                           # a run written before the field existed
+    (tmp_path / "run" / "config.json").write_text(json.dumps(stored))
+    assert train_behaviour(config, tmp_path / "run").expert.step == 500
 
 
 def test_behaviour_replay_is_consistent_and_config_is_checked(quick_run, tmp_path) -> None:

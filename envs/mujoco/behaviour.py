@@ -77,6 +77,8 @@ class SACConfig:
     seed: int = 0
     torch_threads: int = 1
     """intra-op threads for training (small MLPs gain nothing from more)."""
+    device: str = "cpu"
+    """where SB3 trains ("cpu", "cuda"); resuming repeats a run bit for bit only on the CPU it ran on."""
 
     def __post_init__(self) -> None:
         self.env = env_name(self.env)
@@ -348,7 +350,7 @@ def _config_from_dict(d: dict[str, Any]) -> SACConfig:
 def _check_or_write_config(config: SACConfig, run_dir: Path) -> None:
     path = run_dir / "config.json"
     if path.is_file():
-        stored = json.loads(path.read_text())
+        stored = json.loads(json.dumps(asdict(_config_from_dict(json.loads(path.read_text())))))  # fills new fields
         mine = json.loads(json.dumps(asdict(config)))
         diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
         if diff:
@@ -403,7 +405,7 @@ class _Trainer:
                          buffer_size=config.total_steps, learning_starts=config.learning_starts,
                          batch_size=config.batch_size, tau=config.tau, gamma=config.gamma, train_freq=1,
                          gradient_steps=1, policy_kwargs={"net_arch": list(config.hidden_sizes)},
-                         seed=config.seed, device="cpu", verbose=0)
+                         seed=config.seed, device=config.device, verbose=0)
         self.recorder = _QposRecorder()
         self.snapshots: list[Snapshot] = []
         self.rows_written = 0
@@ -417,7 +419,8 @@ class _Trainer:
             self._snapshot()                                       # step 0: the randomly initialised actor
         with _progress_bar(progress, cfg.total_steps, f"SAC {cfg.env}", self.model.num_timesteps) as advance:
             while self.model.num_timesteps < cfg.total_steps:
-                self.model.learn(cfg.snapshot_every, callback=self.recorder.callback(), reset_num_timesteps=False)
+                chunk = min(cfg.snapshot_every, cfg.total_steps - self.model.num_timesteps)  # never past the buffer
+                self.model.learn(chunk, callback=self.recorder.callback(), reset_num_timesteps=False)
                 self._snapshot()
                 step = self.model.num_timesteps
                 if step % cfg.checkpoint_every == 0 or step >= cfg.total_steps:
@@ -468,7 +471,7 @@ class _Trainer:
 
         ckpt = self.run_dir / "checkpoints" / f"step_{step:09d}"
         ckpt.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file({k: v.contiguous() for k, v in model.policy.state_dict().items()},
+        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in model.policy.state_dict().items()},
                                     str(ckpt / "policy.safetensors"))
         torch.save({"actor_optimizer": model.actor.optimizer.state_dict(),
                     "critic_optimizer": model.critic.optimizer.state_dict(),
@@ -518,7 +521,7 @@ class _Trainer:
         model = self.model
         state = json.loads((ckpt / "state.json").read_text())
         model.policy.load_state_dict(safetensors.torch.load_file(str(ckpt / "policy.safetensors")))
-        optim = torch.load(ckpt / "optim.pt", weights_only=True)
+        optim = torch.load(ckpt / "optim.pt", weights_only=True, map_location=model.device)
         model.actor.optimizer.load_state_dict(optim["actor_optimizer"])
         model.critic.optimizer.load_state_dict(optim["critic_optimizer"])
         model.ent_coef_optimizer.load_state_dict(optim["ent_coef_optimizer"])
@@ -546,7 +549,7 @@ class _Trainer:
         np.random.set_state((np_rng[0], np.asarray(np_rng[1], dtype=np.uint32), *np_rng[2:]))
         random.setstate(_from_json(state["python_rng"]))
         model.action_space.np_random.bit_generator.state = state["action_space_rng"]
-        torch.set_rng_state(optim["torch_rng"])
+        torch.set_rng_state(optim["torch_rng"].cpu())
         self.snapshots = [Snapshot(**s) for s in state["snapshots"]]
 
 
