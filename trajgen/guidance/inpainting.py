@@ -98,16 +98,18 @@ def condition_on_first_state(state: Tensor, state_dims: slice | Sequence[int], *
     for name, value in (("horizon", horizon), ("dim", dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if isinstance(state_dims, slice):
-        dims = list(range(dim))[state_dims]
+    if isinstance(state_dims, slice) and (state_dims.step or 1) > 0:
+        index: slice | list[int] = state_dims  # a slice indexes without a host-made index tensor (CUDA-graph safe)
+        selected = len(range(dim)[state_dims])
     else:
-        dims = [int(d) for d in state_dims]
-        if any(not -dim <= d < dim for d in dims) or len({d % dim for d in dims}) != len(dims):
+        index = list(range(dim))[state_dims] if isinstance(state_dims, slice) else [int(d) for d in state_dims]
+        if any(not -dim <= d < dim for d in index) or len({d % dim for d in index}) != len(index):
             raise ValueError(f"state_dims must be distinct indices in [0, {dim}), got {list(state_dims)}")
-    if len(dims) != state.shape[1]:
-        raise ValueError(f"state_dims selects {len(dims)} features but state has D_s = {state.shape[1]}")
+        selected = len(index)
+    if selected != state.shape[1]:
+        raise ValueError(f"state_dims selects {selected} features but state has D_s = {state.shape[1]}")
     known = torch.zeros(state.shape[0], horizon, dim, dtype=state.dtype, device=state.device)
-    known[:, 0, dims] = state
+    known[:, 0, index] = state
     mask = torch.zeros(1, horizon, dim, dtype=torch.bool, device=state.device)
-    mask[:, 0, dims] = True
+    mask[:, 0, index] = True
     return Inpainting(known, mask, schedule=schedule, mode=mode, generator=generator)

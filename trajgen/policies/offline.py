@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from trajgen.data.d4rl import D4RLDataset, GaussianNormalizer, SequenceDataset, load_d4rl
 from trajgen.diffusion import SCHEDULES, DiffusionLoss, Schedule, make_schedule
-from trajgen.guidance import ClassifierFreeGuidance, Inpainting
+from trajgen.guidance import ClassifierFreeGuidance, Inpainting, condition_on_first_state
 from trajgen.nets import CausalGPT, ResidualMLP, TemporalUnet1d
 from trajgen.solvers import Sampler, get_solver
 from trajgen.training import Trainer, TrainerConfig, seed_everything
@@ -535,13 +535,8 @@ class DiffusionPlanningPolicy(PlanningPolicy):
                        validate=validate, cond=cond)
 
     def _first_state(self, states: Tensor) -> Inpainting:
-        """The constraint pinning plan[:, 0] = states [B, S] (``condition_on_first_state`` over every feature,
-        built with slices: a list index would copy an index tensor from the host, which a CUDA graph cannot)."""
-        known = states.new_zeros(states.shape[0], self.config.horizon, self.obs_dim)
-        known[:, 0] = states
-        mask = torch.zeros(1, self.config.horizon, self.obs_dim, dtype=torch.bool, device=states.device)
-        mask[:, 0] = True
-        return Inpainting(known, mask)
+        """The constraint pinning plan[:, 0] = states [B, S] (a slice over every feature: CUDA-graph safe)."""
+        return condition_on_first_state(states, slice(None), horizon=self.config.horizon, dim=self.obs_dim)
 
 
 class DecisionDiffuserPolicy(DiffusionPlanningPolicy):
