@@ -55,11 +55,10 @@ def probe_rates(env: str, candidates: list[tuple[str, int]]) -> dict[str, float]
     rates = {}
     for (device, threads), proc in zip(candidates, procs):
         stdout, stderr = proc.communicate(timeout=300)
-        out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-        if out.returncode != 0:
-            print(f"probe {device}/{threads} failed:\n{out.stderr[-2000:]}", flush=True)
+        if proc.returncode != 0:
+            print(f"probe {device}/{threads} failed:\n{stderr[-2000:]}", flush=True)
             continue
-        rates[f"{device}/{threads}"] = float(out.stdout.strip().splitlines()[-1])
+        rates[f"{device}/{threads}"] = float(stdout.strip().splitlines()[-1])
         print(f"probe {env} {device} threads={threads}: {rates[f'{device}/{threads}']:.0f} steps/s", flush=True)
     if not rates:
         raise RuntimeError("every SAC probe failed")

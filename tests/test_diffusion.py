@@ -179,6 +179,16 @@ def test_loss_rejects_bad_input():
         DiffusionLoss(VPLinear(), "score")
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=IDS)
+def test_fixed_time_coefficients_reproduce_add_noise_exactly(schedule) -> None:
+    x0, noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), torch.randn(4, 3)
+    for t in (0.009, 0.3, 0.77):
+        alpha, sigma = schedule.coefficients(t)
+        assert isinstance(alpha, float) and isinstance(sigma, float)
+        torch.testing.assert_close(alpha * x0 + sigma * noise, schedule.add_noise(x0, torch.tensor(t), noise),
+                                   atol=0, rtol=0)
+
+
 def test_make_schedule():
     assert isinstance(make_schedule("vp-discrete", table="scaled-linear"), VPDiscrete)
     with pytest.raises(ValueError, match="unknown schedule"):

@@ -221,7 +221,7 @@ def test_trajectory_diffuser_refine_noises_the_draft_as_the_schedule_does() -> N
                          sample_steps=2)
     policy = build_offline_policy(config, 4, 2)
     draft = torch.randn(2, 8, 4)
-    alpha, sigma = policy.noise_level(config.t_mid)
+    alpha, sigma = policy.model.schedule.coefficients(config.t_mid)
     t = torch.tensor(config.t_mid)
     assert alpha == pytest.approx(float(policy.model.schedule.alpha(t)), rel=1e-6)
     assert sigma == pytest.approx(float(policy.model.schedule.sigma(t)), rel=1e-6)

@@ -88,6 +88,13 @@ class Schedule(ABC):
         scale = float(self.sigma(1.0))
         return scale * torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
 
+    def coefficients(self, t: float, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+        """(alpha(t), sigma(t)) at one fixed time as Python floats, rounded as :meth:`add_noise` rounds them for
+        ``dtype`` data at a ``dtype`` time: ``alpha * x0 + sigma * noise`` then equals ``add_noise`` exactly and
+        reads no schedule table on the device (CUDA-graph safe)."""
+        time = torch.tensor(float(t), dtype=dtype)
+        return float(self.alpha(time).to(dtype)), float(self.sigma(time).to(dtype))
+
     def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = alpha(t) x0 + sigma(t) noise.  x0, noise: [B, ...]; t: [B] (or scalar)."""
         t = _as_tensor(t).to(x0.device)

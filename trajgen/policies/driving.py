@@ -617,11 +617,7 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
         self.schedule = _scaled_linear(config.diffusion_steps, config.beta_start, config.beta_end)
         self.sampler = Sampler(self.schedule, config.solver, config.steps, "x0", t_start=self.t_start,
                                t_end=config.t_end)
-        # alpha, sigma at t_start as Python floats: the float32 values add_noise computes for a float32 time, so
-        # x_start is bit-identical to schedule.add_noise and needs no schedule-table lookup on the device
-        t_start = torch.full((1,), self.t_start)
-        self._alpha_start = float(self.schedule.alpha(t_start).float())
-        self._sigma_start = float(self.schedule.sigma(t_start).float())
+        self._alpha_start, self._sigma_start = self.schedule.coefficients(self.t_start)
 
     @property
     def t_start(self) -> float:
@@ -667,7 +663,7 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
             noise = torch.randn(anchors.shape, generator=generator, device=anchors.device)
         elif tuple(noise.shape) != tuple(anchors.shape):
             raise ValueError(f"noise must have shape [B, K, H, 3] = {list(anchors.shape)}, got {tuple(noise.shape)}")
-        # x_start = alpha(t_start) anchors + sigma(t_start) noise, with the coefficients precomputed on the host
+        # schedule.add_noise(anchors, t_start, noise), with the coefficients computed once on the host
         x_start = self._alpha_start * anchors + self._sigma_start * noise.to(anchors)
         last_logits: list[Tensor] = []
 
@@ -706,7 +702,6 @@ class VanillaDiffusionPolicy(DrivingPolicy):
         self.schedule = _scaled_linear(config.diffusion_steps, config.beta_start, config.beta_end)
         self.diffusion_loss = DiffusionLoss(self.schedule, config.prediction)
         self.sampler = Sampler(self.schedule, config.solver, config.steps, config.prediction, t_end=config.t_end)
-        self._prior_scale = float(self.schedule.sigma(1.0))  # schedule.prior_noise's scale, computed once
 
     @property
     def nfe(self) -> int:
@@ -736,8 +731,8 @@ class VanillaDiffusionPolicy(DrivingPolicy):
         batch_size = tokens.shape[0]
         if n_modes > 1:
             tokens, mask = tokens.repeat_interleave(n_modes, 0), mask.repeat_interleave(n_modes, 0)
-        x = self._prior_scale * torch.randn((batch_size * n_modes, self.config.horizon, POSE_DIM),
-                                            generator=generator, device=tokens.device)
+        x = self.schedule.prior_noise((batch_size * n_modes, self.config.horizon, POSE_DIM), generator=generator,
+                                      device=tokens.device)
         sample = self.sampler(lambda x_t, t: self._denoise(x_t, t.to(x_t.dtype), tokens, mask), x,
                               generator=generator, validate=False)
         if self.config.clip_sample:

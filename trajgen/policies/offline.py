@@ -473,7 +473,6 @@ class DiffusionPlanningPolicy(PlanningPolicy):
     def __init__(self, model: OfflineModel, *, env_id: str | None = None) -> None:
         super().__init__(model, env_id=env_id)
         self._samplers: dict[tuple[str, int, float], Sampler] = {}
-        self._noise_levels: dict[float, tuple[float, float]] = {}
 
     def denoiser(self, guidance_scale: float | None = None) -> ClassifierFreeGuidance:
         """The UNet under classifier-free guidance (scale default: the config's)."""
@@ -488,15 +487,6 @@ class DiffusionPlanningPolicy(PlanningPolicy):
             self._samplers[key] = Sampler(self.model.schedule, solver, steps, self.config.prediction,
                                           t_start=t_start)
         return self._samplers[key]
-
-    def noise_level(self, t: float) -> tuple[float, float]:
-        """(alpha(t), sigma(t)) as Python floats, the float32 values ``schedule.add_noise`` uses for a float32
-        time t; cached, so sampling reads no schedule table on the device."""
-        if t not in self._noise_levels:
-            time = torch.tensor(float(t))
-            schedule = self.model.schedule
-            self._noise_levels[t] = (float(schedule.alpha(time).float()), float(schedule.sigma(time).float()))
-        return self._noise_levels[t]
 
     def diffuse(self, states: Tensor, cond: Tensor, *, steps: int | None = None, solver: str | None = None,
                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
@@ -528,7 +518,7 @@ class DiffusionPlanningPolicy(PlanningPolicy):
             x = self.model.schedule.prior_noise(draft.shape, generator=generator, device=draft.device)
         else:
             eps = torch.randn(draft.shape, generator=generator, device=draft.device)
-            alpha, sigma = self.noise_level(t_mid)  # schedule.add_noise(draft, t_mid, eps) without device tables
+            alpha, sigma = self.model.schedule.coefficients(t_mid)  # add_noise without device tables
             x = alpha * draft + sigma * eps
         sampler = self.sampler(t_mid, steps, solver)
         return sampler(self.denoiser(guidance_scale), pin(x, None), constraint=pin, generator=generator,
