@@ -3,6 +3,7 @@
     python scripts/bench_offline.py --quick --out-dir runs/bench_offline_quick
     python scripts/bench_offline.py --behaviour-dir runs/behaviour --out-dir runs/bench_offline --steps 100000
     python scripts/bench_offline.py --dataset hopper:medium=data/hopper-medium.hdf5 --envs hopper --levels medium
+    python scripts/bench_offline.py --nets small --steps 4000 --seeds 0 --threads 1 ...   # a CPU budget
 
 Every (env, level, algorithm, seed) cell trains with the same --steps and --batch-size, evaluates --episodes
 episodes batched and times batch-1 decisions; finished cells are skipped on a rerun. Writes
@@ -17,7 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trajgen.bench.offline import OfflineBenchSettings, print_offline_table, quick_settings, run_offline_benchmark
+from trajgen.bench.offline import (
+    SMALL_NET_OVERRIDES,
+    OfflineBenchSettings,
+    print_offline_table,
+    quick_settings,
+    run_offline_benchmark,
+)
 
 
 def parse_datasets(pairs: list[str]) -> dict[tuple[str, str], str]:
@@ -60,6 +67,11 @@ def build_settings(args: argparse.Namespace) -> OfflineBenchSettings:
     if args.train_behaviour:
         given["train_behaviour"] = True
     overrides = parse_overrides(args.set)
+    if args.quick and args.nets != "default":
+        raise SystemExit("--quick brings its own tiny nets; drop --nets")
+    if args.nets == "small":
+        overrides = {algo: {**SMALL_NET_OVERRIDES.get(algo, {}), **overrides.get(algo, {})}
+                     for algo in sorted({*SMALL_NET_OVERRIDES, *overrides})}
     if args.quick:
         settings = quick_settings(**given)
         if overrides:
@@ -69,8 +81,8 @@ def build_settings(args: argparse.Namespace) -> OfflineBenchSettings:
     return OfflineBenchSettings(**given, overrides=overrides)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Parse the command line, run (or resume) the benchmark, print the table; returns the result dict."""
+def make_parser() -> argparse.ArgumentParser:
+    """The command line of this script."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="hopper 'quick' data, tiny nets and budgets (< 60 s)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench_offline"), help="results directory")
@@ -94,9 +106,16 @@ def main(argv: list[str] | None = None) -> dict:
                         help="directory of behaviour runs <env> / <env>-quick (default runs/behaviour)")
     parser.add_argument("--train-behaviour", action="store_true",
                         help="train missing behaviour runs before collecting (hours per env)")
+    parser.add_argument("--nets", choices=("default", "small"), default="default",
+                        help="small: half-width UNet, GPT and MLPs for CPU budgets (SMALL_NET_OVERRIDES)")
     parser.add_argument("--set", action="append", default=[], metavar="ALGO.FIELD=VALUE",
                         help="config override of one algorithm, e.g. trajectory-diffuser.t_mid=0.2 (repeatable)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the command line, run (or resume) the benchmark, print the table; returns the result dict."""
+    args = make_parser().parse_args(argv)
     settings = build_settings(args)
     result = run_offline_benchmark(settings, args.out_dir, data_dir=args.data_dir, behaviour_dir=args.behaviour_dir,
                                    datasets=parse_datasets(args.dataset),

@@ -144,12 +144,17 @@ def test_missing_behaviour_run_says_how_to_get_one(tmp_path: Path) -> None:
         run_offline_benchmark(settings, tmp_path / "out", behaviour_dir=tmp_path / "none")
 
 
-def test_script_reruns_the_quick_benchmark_and_prints_the_table(quick_run: dict[str, Any],
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def _load_script() -> Any:
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_offline.py"
     spec = importlib.util.spec_from_file_location("bench_offline_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_script_reruns_the_quick_benchmark_and_prints_the_table(quick_run: dict[str, Any],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    script = _load_script()
     out, behaviour = quick_run["kwargs"]["out_dir"], quick_run["kwargs"]["behaviour_dir"]
     result = script.main(["--quick", "--out-dir", str(out), "--behaviour-dir", str(behaviour)])
     assert len(result["skipped"]) == 4
@@ -161,6 +166,20 @@ def test_script_reruns_the_quick_benchmark_and_prints_the_table(quick_run: dict[
         "trajectory-diffuser": {"t_mid": 0.2}, "decision-diffuser": {"solver": "ddim"}}
     with pytest.raises(SystemExit):
         script.parse_datasets(["hopper=a.hdf5"])
+
+
+def test_script_small_nets_preset_keeps_explicit_overrides() -> None:
+    script = _load_script()
+    args = script.make_parser().parse_args(["--nets", "small", "--set", "decision-diffuser.unet_base_dim=24"])
+    settings = script.build_settings(args)
+    td, dd = settings.config("trajectory-diffuser"), settings.config("decision-diffuser")
+    assert (td.unet_base_dim, td.gpt_width, td.invdyn_hidden) == (16, 64, 128)
+    assert (dd.unet_base_dim, dd.invdyn_hidden) == (24, 128)         # --set wins over the preset
+    assert settings.config("behavior-cloning").hidden_dim == 128
+    default = script.build_settings(script.make_parser().parse_args([]))
+    assert default.config("trajectory-diffuser").unet_base_dim == 32
+    with pytest.raises(SystemExit, match="--nets"):
+        script.build_settings(script.make_parser().parse_args(["--quick", "--nets", "small"]))
 
 
 # ---------------------------------------------------------------- aggregation and targets on hand-built cells
