@@ -3,7 +3,8 @@
     python scripts/bench_offline.py --quick --out-dir runs/bench_offline_quick
     python scripts/bench_offline.py --behaviour-dir runs/behaviour --out-dir runs/bench_offline --steps 100000
     python scripts/bench_offline.py --dataset hopper:medium=data/hopper-medium.hdf5 --envs hopper --levels medium
-    python scripts/bench_offline.py --nets small --steps 4000 --seeds 0 --threads 1 ...   # a CPU budget
+    python scripts/bench_offline.py --nets small --steps 4000 --jobs 2 --threads 1 ...   # a CPU budget
+    python scripts/bench_offline.py --nets small --steps 4000 --threads 1 ... --retime   # latency on an idle machine
 
 Every (env, level, algorithm, seed) cell trains with the same --steps and --batch-size, evaluates --episodes
 episodes batched and times batch-1 decisions; finished cells are skipped on a rerun. Writes
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from trajgen.bench.offline import (
+    ALGORITHM_ORDER,
     SMALL_NET_OVERRIDES,
     OfflineBenchSettings,
     print_offline_table,
@@ -63,6 +65,7 @@ def build_settings(args: argparse.Namespace) -> OfflineBenchSettings:
         "steps": args.steps, "batch_size": args.batch_size, "episodes": args.episodes, "device": args.device,
         "eval_seed": args.eval_seed, "max_episode_steps": args.max_episode_steps,
         "latency_calls": args.latency_calls, "threads": args.threads, "dataset_steps": args.dataset_steps,
+        "jobs": args.jobs,
     }.items() if v is not None}
     if args.train_behaviour:
         given["train_behaviour"] = True
@@ -70,8 +73,10 @@ def build_settings(args: argparse.Namespace) -> OfflineBenchSettings:
     if args.quick and args.nets != "default":
         raise SystemExit("--quick brings its own tiny nets; drop --nets")
     if args.nets == "small":
-        overrides = {algo: {**SMALL_NET_OVERRIDES.get(algo, {}), **overrides.get(algo, {})}
-                     for algo in sorted({*SMALL_NET_OVERRIDES, *overrides})}
+        preset = {algo: SMALL_NET_OVERRIDES[algo] for algo in (args.algos or ALGORITHM_ORDER)
+                  if algo in SMALL_NET_OVERRIDES}
+        overrides = {algo: {**preset.get(algo, {}), **overrides.get(algo, {})}
+                     for algo in sorted({*preset, *overrides})}
     if args.quick:
         settings = quick_settings(**given)
         if overrides:
@@ -97,7 +102,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-episode-steps", type=int, help="cap episode length (smoke runs only)")
     parser.add_argument("--latency-calls", type=int, help="timed batch-1 decisions per cell (default 100)")
     parser.add_argument("--device", help="cpu | cuda (training, evaluation and latency; default cpu)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's)")
+    parser.add_argument("--jobs", type=int, help="cells trained side by side in worker processes (default 1)")
+    parser.add_argument("--retime", action="store_true",
+                        help="measure every finished cell's latency again, one at a time (on an idle machine)")
     parser.add_argument("--dataset", action="append", default=[], metavar="ENV:LEVEL=FILE",
                         help="an existing D4RL-format file for one dataset (repeatable)")
     parser.add_argument("--data-dir", type=Path, help="where missing datasets are collected (OUT_DIR/data)")
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = make_parser().parse_args(argv)
     settings = build_settings(args)
     result = run_offline_benchmark(settings, args.out_dir, data_dir=args.data_dir, behaviour_dir=args.behaviour_dir,
-                                   datasets=parse_datasets(args.dataset),
+                                   datasets=parse_datasets(args.dataset), retime=args.retime,
                                    log=lambda line: print(line, file=sys.stderr, flush=True))
     print_offline_table(result)
     print(f"wrote {args.out_dir / 'bench_offline.json'} and {args.out_dir / 'bench_offline.md'}")

@@ -124,6 +124,35 @@ def test_rerun_skips_finished_cells_and_recomputes_a_deleted_one_identically(qui
     assert after["eval"]["returns"] == before["eval"]["returns"]    # fixed seeds: the same episodes
 
 
+def test_cells_in_two_worker_processes_train_and_score_as_the_serial_run(quick_run: dict[str, Any],
+                                                                         tmp_path: Path) -> None:
+    dataset = quick_run["kwargs"]["out_dir"] / "data" / "hopper-quick.hdf5"
+    algos = ("decision-transformer", "behavior-cloning")
+    parallel = run_offline_benchmark(quick_settings(algos=algos, jobs=2), tmp_path,
+                                     datasets={("hopper", "quick"): dataset})
+    serial = {c["algo"]: c for c in _cells(quick_run["kwargs"]["out_dir"])}
+    assert [c.split("/cells/")[1] for c in parallel["cells"]] == [f"hopper/quick/{a}/seed0/result.json" for a in algos]
+    for cell in _cells(tmp_path):
+        assert cell["eval"]["returns"] == serial[cell["algo"]]["eval"]["returns"]   # same seeds, same episodes
+        assert cell["train"]["final_loss"] == serial[cell["algo"]]["train"]["final_loss"]
+
+
+def test_retime_replaces_only_the_latency(quick_run: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(quick_run["kwargs"]["out_dir"], out)
+    before = {c["algo"]: c for c in _cells(out)}
+    dataset = quick_run["kwargs"]["out_dir"] / "data" / "hopper-quick.hdf5"    # the path the cells were run with
+    result = run_offline_benchmark(quick_settings(), out, datasets={("hopper", "quick"): dataset}, retime=True)
+    assert len(result["skipped"]) == 4
+    for cell in _cells(out):
+        old = before[cell["algo"]]
+        assert cell["eval"] == old["eval"] and cell["train"] == old["train"]
+        assert cell["retimed"]["previous_median_ms"] == old["latency"]["median_ms"]
+        assert len(cell["latency"]["times_ms"]) == 10 and cell["latency"]["times_ms"] != old["latency"]["times_ms"]
+
+
 def test_changed_settings_do_not_reuse_or_overwrite_finished_cells(quick_run: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"other settings.*'episodes'"):
         run_offline_benchmark(quick_settings(episodes=21), **quick_run["kwargs"])
@@ -178,6 +207,8 @@ def test_script_small_nets_preset_keeps_explicit_overrides() -> None:
     assert settings.config("behavior-cloning").hidden_dim == 128
     default = script.build_settings(script.make_parser().parse_args([]))
     assert default.config("trajectory-diffuser").unet_base_dim == 32
+    only_bc = script.build_settings(script.make_parser().parse_args(["--nets", "small", "--algos", "behavior-cloning"]))
+    assert set(only_bc.overrides) == {"behavior-cloning"} and only_bc.config("behavior-cloning").hidden_dim == 128
     with pytest.raises(SystemExit, match="--nets"):
         script.build_settings(script.make_parser().parse_args(["--quick", "--nets", "small"]))
 

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +101,10 @@ class OfflineBenchSettings:
     device: str = "cpu"
     """where training, evaluation and latency run ("cpu", "cuda", "cuda:1", ...)"""
     threads: int | None = None
-    """torch intra-op threads on CPU (None: torch's default)"""
+    """torch intra-op threads on CPU (None: torch's default), in this process and in every worker"""
+    jobs: int = 1
+    """cells run side by side in this many worker processes (their latencies then share the machine: re-time
+    them on an idle machine with ``run_offline_benchmark(..., retime=True)``)"""
     dataset_steps: int | None = None
     """transitions per policy part when a dataset is collected (None: collect_mujoco's default)"""
     quick: bool = False
@@ -125,6 +130,7 @@ class OfflineBenchSettings:
         _require(self.episodes >= 1, f"episodes must be >= 1, got {self.episodes}")
         _require(self.latency_calls >= 1, f"latency_calls must be >= 1, got {self.latency_calls}")
         _require(self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}")
+        _require(self.jobs >= 1, f"jobs must be >= 1, got {self.jobs}")
         for algo in self.algos:
             self.config(algo)  # unknown fields fail here, before any training
 
@@ -507,7 +513,7 @@ def compute_info(settings: OfflineBenchSettings) -> dict[str, Any]:
 def run_offline_benchmark(settings: OfflineBenchSettings, out_dir: str | os.PathLike, *,
                           data_dir: str | os.PathLike | None = None, behaviour_dir: str | os.PathLike | None = None,
                           datasets: Mapping[tuple[str, str], str | os.PathLike] | None = None,
-                          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                          log: Callable[[str], None] | None = None, retime: bool = False) -> dict[str, Any]:
     """Run (or resume) every cell, then write ``out_dir/bench_offline.json`` and ``bench_offline.md``.
 
     Args:
@@ -517,6 +523,8 @@ def run_offline_benchmark(settings: OfflineBenchSettings, out_dir: str | os.Path
         behaviour_dir: holds the behaviour runs ``<env>`` / ``<env>-quick`` (default runs/behaviour).
         datasets: ``{(env, level): path}`` of existing D4RL-format files (they take precedence).
         log: called with one line per cell.
+        retime: afterwards, measure every cell's batch-1 latency again, one cell at a time in this process
+            (run it on an idle machine after training cells side by side); the new times replace the cell's.
     Returns:
         ``{"settings", "compute", "latency_mode", "rows", "targets", "cells" (paths), "skipped" (cells reused),
         "notes", "wall_s"}``.
@@ -530,16 +538,15 @@ def run_offline_benchmark(settings: OfflineBenchSettings, out_dir: str | os.Path
     try:
         paths = resolve_datasets(settings, Path(data_dir) if data_dir else out_dir / "data",
                                  Path(behaviour_dir) if behaviour_dir else None, datasets)
-        cells, skipped, cell_paths = [], [], []
-        for (env, level), dataset in paths.items():
-            for algo in settings.algos:
-                for seed in settings.seeds:
-                    result, was_skipped = run_cell(settings, env, level, algo, seed, dataset, out_dir)
-                    cells.append(result)
-                    cell_paths.append(str(cell_dir(out_dir, env, level, algo, seed) / RESULT_FILE))
-                    if was_skipped:
-                        skipped.append(cell_paths[-1])
-                    log(f"{'skipped (done)' if was_skipped else 'finished'}: {env} {level} {algo} seed {seed}")
+        keys = [(env, level, algo, seed, dataset) for (env, level), dataset in paths.items()
+                for algo in settings.algos for seed in settings.seeds]
+        outcomes = _run_cells(settings, keys, out_dir, log)
+        if retime:
+            outcomes = [(retime_cell(settings, result, out_dir), was_skipped) for result, was_skipped in outcomes]
+            log(f"re-timed {len(outcomes)} cells in one process")
+        cells = [result for result, _ in outcomes]
+        cell_paths = [str(cell_dir(out_dir, *key[:4]) / RESULT_FILE) for key in keys]
+        skipped = [path for path, (_, was_skipped) in zip(cell_paths, outcomes, strict=True) if was_skipped]
         compute = compute_info(settings)
     finally:
         torch.set_num_threads(threads_before)
@@ -550,6 +557,53 @@ def run_offline_benchmark(settings: OfflineBenchSettings, out_dir: str | os.Path
               "notes": _notes(settings, cells), "wall_s": time.perf_counter() - start}
     _write_json(out_dir / "bench_offline.json", result)
     (out_dir / "bench_offline.md").write_text(markdown_report(result))
+    return result
+
+
+def _run_cells(settings: OfflineBenchSettings, keys: Sequence[tuple[str, str, str, int, Path]], out_dir: Path,
+               log: Callable[[str], None]) -> list[tuple[dict[str, Any], bool]]:
+    """``run_cell`` for every (env, level, algo, seed, dataset), serially or in ``settings.jobs`` spawned workers;
+    outcomes in the order of ``keys``."""
+    def report(key: tuple[str, str, str, int, Path], was_skipped: bool) -> None:
+        env, level, algo, seed, _ = key
+        log(f"{'skipped (done)' if was_skipped else 'finished'}: {env} {level} {algo} seed {seed}")
+
+    if settings.jobs == 1:
+        outcomes = []
+        for key in keys:
+            outcomes.append(run_cell(settings, *key, out_dir))
+            report(key, outcomes[-1][1])
+        return outcomes
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(settings.jobs, mp_context=context) as pool:
+        futures = {pool.submit(_worker_cell, settings, *key, out_dir): i for i, key in enumerate(keys)}
+        results: dict[int, tuple[dict[str, Any], bool]] = {}
+        for future in as_completed(futures):
+            index = futures[future]
+            results[index] = future.result()
+            report(keys[index], results[index][1])
+    return [results[i] for i in range(len(keys))]
+
+
+def _worker_cell(settings: OfflineBenchSettings, env: str, level: str, algo: str, seed: int, dataset: Path,
+                 out_dir: Path) -> tuple[dict[str, Any], bool]:
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    return run_cell(settings, env, level, algo, seed, dataset, out_dir)
+
+
+def retime_cell(settings: OfflineBenchSettings, result: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Measure a finished cell's batch-1 latency again and rewrite its result file.
+
+    The new timing replaces ``result["latency"]``; ``result["retimed"]`` keeps when it ran and the median the
+    cell had before. Returns the updated result.
+    """
+    directory = cell_dir(out_dir, result["env"], result["level"], result["algo"], result["seed"])
+    policy = load_policy(directory / "run", algorithm=result["algo"], device=settings.device)
+    previous = result["latency"]
+    result = {**result, "latency": measure_latency(policy, settings.latency_calls),
+              "retimed": {"at": time.strftime("%FT%T%z"), "previous_median_ms": previous["median_ms"]}}
+    _write_json(directory / RESULT_FILE, result)
     return result
 
 
