@@ -5,6 +5,7 @@
     python scripts/bench_offline.py --dataset hopper:medium=data/hopper-medium.hdf5 --envs hopper --levels medium
     python scripts/bench_offline.py --nets small --steps 4000 --jobs 2 --threads 1 ...   # a CPU budget
     python scripts/bench_offline.py --nets small --steps 4000 --threads 1 ... --retime   # latency on an idle machine
+    python scripts/bench_offline.py ... --finished-only         # the table so far, while cells still run
 
 Every (env, level, algorithm, seed) cell trains with the same --steps and --batch-size, evaluates --episodes
 episodes batched and times batch-1 decisions; finished cells are skipped on a rerun. Writes
@@ -104,6 +105,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu | cuda (training, evaluation and latency; default cpu)")
     parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's)")
     parser.add_argument("--jobs", type=int, help="cells trained side by side in worker processes (default 1)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: the table of the cells finished so far (the rest listed as missing)")
     parser.add_argument("--retime", action="store_true",
                         help="measure every finished cell's latency again, one at a time (on an idle machine)")
     parser.add_argument("--dataset", action="append", default=[], metavar="ENV:LEVEL=FILE",
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = build_settings(args)
     result = run_offline_benchmark(settings, args.out_dir, data_dir=args.data_dir, behaviour_dir=args.behaviour_dir,
                                    datasets=parse_datasets(args.dataset), retime=args.retime,
+                                   finished_only=args.finished_only,
                                    log=lambda line: print(line, file=sys.stderr, flush=True))
     print_offline_table(result)
     print(f"wrote {args.out_dir / 'bench_offline.json'} and {args.out_dir / 'bench_offline.md'}")

@@ -153,6 +153,28 @@ def test_retime_replaces_only_the_latency(quick_run: dict[str, Any], tmp_path: P
         assert len(cell["latency"]["times_ms"]) == 10 and cell["latency"]["times_ms"] != old["latency"]["times_ms"]
 
 
+def test_finished_only_reports_the_finished_cells_and_trains_nothing(quick_run: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(quick_run["kwargs"]["out_dir"] / "cells", out / "cells")
+    dataset = quick_run["kwargs"]["out_dir"] / "data" / "hopper-quick.hdf5"
+    (cell_dir(out, "hopper", "quick", "decision-diffuser", 0) / "result.json").unlink()
+    settings = quick_settings(seeds=(0, 1))
+    result = run_offline_benchmark(settings, out, datasets={("hopper", "quick"): dataset}, finished_only=True)
+    assert sorted(result["missing"]) == sorted(["hopper quick decision-diffuser 0"]
+                                               + [f"hopper quick {a} 1" for a in ALGORITHM_ORDER])
+    assert sorted(r["algo"] for r in result["rows"]) == sorted(set(ALGORITHM_ORDER) - {"decision-diffuser"})
+    assert not (cell_dir(out, "hopper", "quick", "decision-diffuser", 0) / "result.json").exists()
+    assert not cell_dir(out, "hopper", "quick", "behavior-cloning", 1).exists()
+    assert "not finished" in (out / "bench_offline.md").read_text()
+    first_rows = {r["algo"]: r for r in quick_run["first"]["rows"]}
+    for row in result["rows"]:
+        assert row["score"] == first_rows[row["algo"]]["score"]
+    nothing = run_offline_benchmark(settings, tmp_path / "empty", finished_only=True)   # no data, no cells
+    assert nothing["rows"] == [] and "hopper quick (no dataset)" in nothing["missing"]
+
+
 def test_changed_settings_do_not_reuse_or_overwrite_finished_cells(quick_run: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"other settings.*'episodes'"):
         run_offline_benchmark(quick_settings(episodes=21), **quick_run["kwargs"])

@@ -185,6 +185,15 @@ def resolve_datasets(settings: OfflineBenchSettings, data_dir: Path, behaviour_d
     return out
 
 
+def existing_datasets(settings: OfflineBenchSettings, data_dir: Path,
+                      given: Mapping[tuple[str, str], str | os.PathLike] | None = None) -> dict[tuple[str, str], Path]:
+    """Like :func:`resolve_datasets`, but only the (env, level) pairs whose file exists; nothing is collected."""
+    given = {(env_name(e), lv): Path(p) for (e, lv), p in (given or {}).items()}
+    candidates = {(env_name(env), level): given.get((env_name(env), level)) or data_dir / f"{env_name(env)}-{level}.hdf5"
+                  for env in settings.envs for level in settings.levels}
+    return {key: path for key, path in candidates.items() if path.is_file()}
+
+
 def _collect(settings: OfflineBenchSettings, env: str, level: str, path: Path, behaviour_dir: Path | None) -> Path:
     quick = settings.quick or level == "quick"
     policy_dir = None if behaviour_dir is None else behaviour_dir / f"{env}{'-quick' if quick else ''}"
@@ -223,24 +232,35 @@ def run_cell(settings: OfflineBenchSettings, env: str, level: str, algo: str, se
 
     Raises ValueError when the cell directory holds a result for other settings (it is never overwritten).
     """
+    finished = finished_cell(settings, env, level, algo, seed, dataset, out_dir)
+    if finished is not None:
+        return finished, True
     directory = cell_dir(out_dir, env, level, algo, seed)
     signature = cell_signature(settings, env, level, algo, seed, dataset)
-    done = directory / RESULT_FILE
-    if done.is_file():
-        result = json.loads(done.read_text())
-        differ = sorted(k for k in signature if result.get("signature", {}).get(k) != signature[k])
-        if differ:
-            raise ValueError(f"{done} was computed with other settings (differing: {differ}); use another "
-                             "out_dir or delete that cell to recompute it")
-        return result, True
     policy, train = _trained_policy(settings, algo, seed, dataset, directory / "run", signature)
     evaluation = evaluate(policy, ENV_IDS[env], settings.episodes, seed=settings.eval_seed, device=settings.device,
                           max_episode_steps=settings.max_episode_steps)
     result = {"signature": signature, "env": env, "level": level, "algo": algo, "seed": seed,
               "train": train, "eval": _eval_record(env, evaluation, settings.eval_seed),
               "latency": measure_latency(policy, settings.latency_calls), "finished": time.strftime("%FT%T%z")}
-    _write_json(done, result)
+    _write_json(directory / RESULT_FILE, result)
     return result, False
+
+
+def finished_cell(settings: OfflineBenchSettings, env: str, level: str, algo: str, seed: int, dataset: Path,
+                  out_dir: Path) -> dict[str, Any] | None:
+    """The cell's result when it has finished, else None. Raises ValueError when the cell directory holds a
+    result for other settings (it is never overwritten)."""
+    done = cell_dir(out_dir, env, level, algo, seed) / RESULT_FILE
+    if not done.is_file():
+        return None
+    signature = cell_signature(settings, env, level, algo, seed, dataset)
+    result = json.loads(done.read_text())
+    differ = sorted(k for k in signature if result.get("signature", {}).get(k) != signature[k])
+    if differ:
+        raise ValueError(f"{done} was computed with other settings (differing: {differ}); use another "
+                         "out_dir or delete that cell to recompute it")
+    return result
 
 
 def _trained_policy(settings: OfflineBenchSettings, algo: str, seed: int, dataset: Path, run_dir: Path,
@@ -513,7 +533,8 @@ def compute_info(settings: OfflineBenchSettings) -> dict[str, Any]:
 def run_offline_benchmark(settings: OfflineBenchSettings, out_dir: str | os.PathLike, *,
                           data_dir: str | os.PathLike | None = None, behaviour_dir: str | os.PathLike | None = None,
                           datasets: Mapping[tuple[str, str], str | os.PathLike] | None = None,
-                          log: Callable[[str], None] | None = None, retime: bool = False) -> dict[str, Any]:
+                          log: Callable[[str], None] | None = None, retime: bool = False,
+                          finished_only: bool = False) -> dict[str, Any]:
     """Run (or resume) every cell, then write ``out_dir/bench_offline.json`` and ``bench_offline.md``.
 
     Args:
@@ -525,9 +546,11 @@ def run_offline_benchmark(settings: OfflineBenchSettings, out_dir: str | os.Path
         log: called with one line per cell.
         retime: afterwards, measure every cell's batch-1 latency again, one cell at a time in this process
             (run it on an idle machine after training cells side by side); the new times replace the cell's.
+        finished_only: collect, train and evaluate nothing: the table of the cells finished so far (a report
+            while a long run is under way); the rest are listed in ``missing``.
     Returns:
         ``{"settings", "compute", "latency_mode", "rows", "targets", "cells" (paths), "skipped" (cells reused),
-        "notes", "wall_s"}``.
+        "missing" (cells left out), "notes", "wall_s"}``.
     """
     out_dir = Path(out_dir)
     log = log or (lambda line: None)
@@ -536,11 +559,23 @@ def run_offline_benchmark(settings: OfflineBenchSettings, out_dir: str | os.Path
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     try:
-        paths = resolve_datasets(settings, Path(data_dir) if data_dir else out_dir / "data",
-                                 Path(behaviour_dir) if behaviour_dir else None, datasets)
+        data_dir = Path(data_dir) if data_dir else out_dir / "data"
+        if finished_only:
+            paths = existing_datasets(settings, data_dir, datasets)
+        else:
+            paths = resolve_datasets(settings, data_dir, Path(behaviour_dir) if behaviour_dir else None, datasets)
         keys = [(env, level, algo, seed, dataset) for (env, level), dataset in paths.items()
                 for algo in settings.algos for seed in settings.seeds]
-        outcomes = _run_cells(settings, keys, out_dir, log)
+        missing = []
+        if finished_only:
+            found = [(key, finished_cell(settings, *key, out_dir)) for key in keys]
+            missing = [" ".join(map(str, key[:4])) for key, result in found if result is None]
+            missing += [f"{env} {level} (no dataset)" for env in map(env_name, settings.envs)
+                        for level in settings.levels if (env, level) not in paths]
+            keys = [key for key, result in found if result is not None]
+            outcomes = [(result, True) for _, result in found if result is not None]
+        else:
+            outcomes = _run_cells(settings, keys, out_dir, log)
         if retime:
             outcomes = [(retime_cell(settings, result, out_dir), was_skipped) for result, was_skipped in outcomes]
             log(f"re-timed {len(outcomes)} cells in one process")
@@ -553,8 +588,8 @@ def run_offline_benchmark(settings: OfflineBenchSettings, out_dir: str | os.Path
     rows = aggregate(cells)
     result = {"settings": settings.to_dict(), "compute": compute, "latency_mode": _latency_mode(cells),
               "datasets": {f"{e}/{lv}": str(p) for (e, lv), p in paths.items()}, "rows": rows,
-              "targets": evaluate_targets(rows), "cells": cell_paths, "skipped": skipped,
-              "notes": _notes(settings, cells), "wall_s": time.perf_counter() - start}
+              "targets": evaluate_targets(rows), "cells": cell_paths, "skipped": skipped, "missing": missing,
+              "notes": _notes(settings, cells, missing), "wall_s": time.perf_counter() - start}
     _write_json(out_dir / "bench_offline.json", result)
     (out_dir / "bench_offline.md").write_text(markdown_report(result))
     return result
@@ -614,8 +649,8 @@ def _latency_mode(cells: Sequence[Mapping[str, Any]]) -> str:
     return f"{device}, eager"
 
 
-def _notes(settings: OfflineBenchSettings, cells: Sequence[Mapping[str, Any]]) -> list[str]:
-    notes = []
+def _notes(settings: OfflineBenchSettings, cells: Sequence[Mapping[str, Any]], missing: Sequence[str]) -> list[str]:
+    notes = [f"not finished, left out of the table: {', '.join(missing)}"] if missing else []
     if settings.quick:
         notes.append("quick run: tiny behaviour policy, tiny nets and budgets; checks the pipeline, not the methods")
     if settings.max_episode_steps is not None:
