@@ -170,28 +170,30 @@ def resolve_datasets(settings: OfflineBenchSettings, data_dir: Path, behaviour_d
                      given: Mapping[tuple[str, str], str | os.PathLike] | None = None) -> dict[tuple[str, str], Path]:
     """A D4RL-format file per (env, level): the ``given`` path, or ``data_dir/<env>-<level>.hdf5`` (collected
     with ``collect_mujoco`` from ``behaviour_dir/<env>[-quick]`` when missing). Checks each file's env."""
-    given = {(env_name(e), lv): Path(p) for (e, lv), p in (given or {}).items()}
     out = {}
-    for env in settings.envs:
-        short = env_name(env)
-        for level in settings.levels:
-            path = given.get((short, level)) or data_dir / f"{short}-{level}.hdf5"
-            if not path.is_file():
-                if (short, level) in given:
-                    raise FileNotFoundError(f"dataset for {short} {level}: {path} does not exist")
-                path = _collect(settings, short, level, path, behaviour_dir)
-            load_mujoco_dataset(path, short)  # refuses a file recorded in another env
-            out[(short, level)] = path
+    for (short, level), (path, was_given) in _dataset_paths(settings, data_dir, given).items():
+        if not path.is_file():
+            if was_given:
+                raise FileNotFoundError(f"dataset for {short} {level}: {path} does not exist")
+            path = _collect(settings, short, level, path, behaviour_dir)
+        load_mujoco_dataset(path, short)  # refuses a file recorded in another env
+        out[(short, level)] = path
     return out
 
 
 def existing_datasets(settings: OfflineBenchSettings, data_dir: Path,
                       given: Mapping[tuple[str, str], str | os.PathLike] | None = None) -> dict[tuple[str, str], Path]:
     """Like :func:`resolve_datasets`, but only the (env, level) pairs whose file exists; nothing is collected."""
+    return {key: path for key, (path, _) in _dataset_paths(settings, data_dir, given).items() if path.is_file()}
+
+
+def _dataset_paths(settings: OfflineBenchSettings, data_dir: Path,
+                   given: Mapping[tuple[str, str], str | os.PathLike] | None) -> dict[tuple[str, str], tuple[Path, bool]]:
+    """(env short name, level) -> (the given path or ``data_dir/<env>-<level>.hdf5``, whether it was given)."""
     given = {(env_name(e), lv): Path(p) for (e, lv), p in (given or {}).items()}
-    candidates = {(env_name(env), level): given.get((env_name(env), level)) or data_dir / f"{env_name(env)}-{level}.hdf5"
-                  for env in settings.envs for level in settings.levels}
-    return {key: path for key, path in candidates.items() if path.is_file()}
+    keys = [(env_name(env), level) for env in settings.envs for level in settings.levels]
+    return {(short, level): (given.get((short, level)) or data_dir / f"{short}-{level}.hdf5", (short, level) in given)
+            for short, level in keys}
 
 
 def _collect(settings: OfflineBenchSettings, env: str, level: str, path: Path, behaviour_dir: Path | None) -> Path:
