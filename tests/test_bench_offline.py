@@ -21,6 +21,7 @@ from trajgen.bench.offline import (
     aggregate,
     cell_dir,
     evaluate_targets,
+    markdown_report,
     quick_settings,
     run_offline_benchmark,
 )
@@ -277,21 +278,45 @@ def test_graph_latency_is_used_only_when_every_cell_has_one() -> None:
     assert [r["latency_median_ms"] for r in rows] == [2.0, 3.0] and all(r["latency_cuda_graph"] for r in rows)
 
 
-def test_targets_by_hand() -> None:
-    def row(level: str, algo: str, score: float, latency: float) -> dict[str, Any]:
-        return {"env": "hopper", "level": level, "algo": algo, "latency_median_ms": latency,
-                "score": {"d4rl": {"mean": score}}}
+def _row(level: str, algo: str, seed_scores: dict[int, float], latency: float) -> dict[str, Any]:
+    return {"env": "hopper", "level": level, "algo": algo, "latency_median_ms": latency, "seeds": sorted(seed_scores),
+            "score": {"d4rl": {"mean": float(np.mean(list(seed_scores.values()))),
+                               "seed_means": [seed_scores[s] for s in sorted(seed_scores)]}}}
 
-    rows = [row("medium", "trajectory-diffuser", 50, 10.0), row("medium", "decision-diffuser", 40, 40.0),
-            row("medium-replay", "trajectory-diffuser", 30, 10.0), row("medium-replay", "decision-diffuser", 31, 25.0),
-            row("medium-replay", "behavior-cloning", 30, 0.1)]
+
+def test_targets_by_hand() -> None:
+    rows = [_row("medium", "trajectory-diffuser", {0: 50}, 10.0), _row("medium", "decision-diffuser", {0: 40}, 40.0),
+            _row("medium-replay", "trajectory-diffuser", {0: 30}, 10.0),
+            _row("medium-replay", "decision-diffuser", {0: 31}, 25.0),
+            _row("medium-replay", "behavior-cloning", {0: 30}, 0.1)]
     got = {(t["level"], t["target"]): t["met"] for t in evaluate_targets(rows)}
     assert got == {("medium", "TD score >= DD score"): True, ("medium", "TD latency <= DD latency / 3"): True,
                    ("medium-replay", "TD score >= DD score"): False,
                    ("medium-replay", "TD latency <= DD latency / 3"): False,          # 10 > 25 / 3
                    ("medium-replay", "TD score > BC score"): False}                   # a tie is not a win
-    only_td = evaluate_targets([row("medium", "trajectory-diffuser", 1, 1)])
+    only_td = evaluate_targets([_row("medium", "trajectory-diffuser", {0: 1}, 1)])
     assert [t["met"] for t in only_td] == [None, None, None]
+
+
+def test_score_targets_compare_the_seeds_both_algorithms_finished() -> None:
+    # TD's seed 1 is bad and DD has not finished it: over all seeds TD (20) loses to DD (30), over the shared
+    # seeds 0 and 2 it wins (35 >= 30); BC shares no seed with TD
+    rows = [_row("medium-replay", "trajectory-diffuser", {0: 30, 1: -10, 2: 40}, 10.0),
+            _row("medium-replay", "decision-diffuser", {0: 32, 2: 28}, 40.0),
+            _row("medium-replay", "behavior-cloning", {3: 0}, 0.1)]
+    targets = {t["target"]: t for t in evaluate_targets(rows)}
+    score = targets["TD score >= DD score"]
+    assert score["met"] is True and score["seeds"] == [0, 2]
+    assert (score["td"], score["other"]) == pytest.approx((35.0, 30.0))
+    assert "seeds" not in targets["TD latency <= DD latency / 3"]
+    versus_bc = targets["TD score > BC score"]
+    assert versus_bc["met"] is None and versus_bc["note"] == "no training seed finished for both"
+    report = markdown_report({"settings": {"device": "cpu", "steps": 1, "batch_size": 1, "episodes": 1,
+                                           "latency_calls": 1},
+                              "compute": {"cpu": "x", "threads_used": 1, "cpu_count": 1, "torch": "t"},
+                              "latency_mode": "cpu, eager", "rows": [], "targets": list(targets.values())})
+    assert "- [met] TD score >= DD score, hopper medium-replay: TD 35.00 vs 30.00 (seeds 0, 2)" in report
+    assert "- [n/a] TD score > BC score, hopper medium-replay (no training seed finished for both)" in report
 
 
 @pytest.mark.parametrize(("changes", "message"), [

@@ -429,35 +429,59 @@ def _score_summary(per_seed: Sequence[Sequence[float] | None]) -> dict[str, Any]
 
 def evaluate_targets(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The paper's claims per dataset: TD score >= DD score, TD latency <= DD latency / 3, TD > BC on
-    medium-replay (D4RL-referenced score means; ``met`` None when an algorithm of the pair is missing)."""
+    medium-replay (``met`` None when an algorithm of the pair is missing).
+
+    Scores are D4RL-referenced means over the training seeds both algorithms finished (listed under ``seeds``),
+    so that a partial run compares like with like; latency compares the rows' medians."""
     by_key = {(r["env"], r["level"], r["algo"]): r for r in rows}
     datasets = sorted({(r["env"], r["level"]) for r in rows})
     targets = []
     for env, level in datasets:
         td, dd, bc = (by_key.get((env, level, a)) for a in ("trajectory-diffuser", "decision-diffuser",
                                                             "behavior-cloning"))
-        targets.append(_target("TD score >= DD score", env, level, td, dd, lambda a, b: a >= b, _mean_score))
+        targets.append(_target("TD score >= DD score", env, level, td, dd, lambda a, b: a >= b, _paired_scores))
         targets.append(_target(f"TD latency <= DD latency / {TARGET_LATENCY_RATIO:g}", env, level, td, dd,
-                               lambda a, b: a <= b / TARGET_LATENCY_RATIO, lambda r: r["latency_median_ms"]))
+                               lambda a, b: a <= b / TARGET_LATENCY_RATIO, _median_latencies))
         if level == "medium-replay":
-            targets.append(_target("TD score > BC score", env, level, td, bc, lambda a, b: a > b, _mean_score))
+            targets.append(_target("TD score > BC score", env, level, td, bc, lambda a, b: a > b, _paired_scores))
     if not any(t["level"] == "medium-replay" for t in targets):
         targets.append({"target": "TD score > BC score", "env": None, "level": "medium-replay", "td": None,
                         "other": None, "met": None, "note": "no medium-replay dataset in this run"})
     return targets
 
 
-def _mean_score(row: Mapping[str, Any]) -> float:
-    return row["score"]["d4rl"]["mean"]
+Comparison = tuple[float, float, dict[str, Any]]
+
+
+def _paired_scores(td: Mapping[str, Any], other: Mapping[str, Any]) -> Comparison | None:
+    """Mean D4RL score of each row over the seeds both finished (every seed has the same episode count, so the
+    mean of seed means is the mean over episodes); None when they share no seed."""
+    seeds = sorted(set(td["seeds"]) & set(other["seeds"]))
+    if not seeds:
+        return None
+
+    def mean_over(row: Mapping[str, Any]) -> float:
+        by_seed = dict(zip(row["seeds"], row["score"]["d4rl"]["seed_means"], strict=True))
+        return float(np.mean([by_seed[seed] for seed in seeds]))
+
+    return mean_over(td), mean_over(other), {"seeds": seeds}
+
+
+def _median_latencies(td: Mapping[str, Any], other: Mapping[str, Any]) -> Comparison:
+    return td["latency_median_ms"], other["latency_median_ms"], {}
 
 
 def _target(name: str, env: str, level: str, td: Mapping[str, Any] | None, other: Mapping[str, Any] | None,
-            holds: Callable[[float, float], bool], value: Callable[[Mapping[str, Any]], float]) -> dict[str, Any]:
+            holds: Callable[[float, float], bool],
+            compare: Callable[[Mapping[str, Any], Mapping[str, Any]], Comparison | None]) -> dict[str, Any]:
+    missing = {"target": name, "env": env, "level": level, "td": None, "other": None, "met": None}
     if td is None or other is None:
-        return {"target": name, "env": env, "level": level, "td": None, "other": None, "met": None,
-                "note": "algorithm not run"}
-    a, b = value(td), value(other)
-    return {"target": name, "env": env, "level": level, "td": a, "other": b, "met": bool(holds(a, b))}
+        return {**missing, "note": "algorithm not run"}
+    compared = compare(td, other)
+    if compared is None:
+        return {**missing, "note": "no training seed finished for both"}
+    a, b, extra = compared
+    return {"target": name, "env": env, "level": level, "td": a, "other": b, "met": bool(holds(a, b)), **extra}
 
 
 def format_score(summary: Mapping[str, Any] | None) -> str:
@@ -501,6 +525,8 @@ def markdown_report(result: Mapping[str, Any]) -> str:
         verdict = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
         where = f"{t['env']} {t['level']}" if t["env"] else t["level"]
         values = f": TD {t['td']:.2f} vs {t['other']:.2f}" if t["td"] is not None else f" ({t.get('note', '')})"
+        if "seeds" in t:
+            values += f" (seeds {', '.join(map(str, t['seeds']))})"
         lines.append(f"- [{verdict}] {t['target']}, {where}{values}")
     if result.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in result["notes"]]
