@@ -2,6 +2,7 @@
 
     python scripts/bench_driving.py --out-dir runs/bench_driving
     python scripts/bench_driving.py --data runs/driving/data.h5 --train-steps 5000 --device cuda
+    python scripts/bench_driving.py --out-dir runs/bench_driving --training-seeds 0 1 2   # mean ± s.e. over seeds
 
 Collects expert data (unless --data), trains the three policies with the same budget (resumable), scores them
 open-loop (NAVSIM-style PDMS against logged traffic) and closed-loop (whole held-out episodes), measures mode
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
         elif field.name == "policies":
             parser.add_argument(flag, nargs="+", default=list(field.default))
+        elif field.name == "training_seeds":
+            parser.add_argument(flag, nargs="+", type=int, default=list(field.default))
         else:
             kind = {"int": int, "float": float}.get(str(field.type), str)
             parser.add_argument(flag, type=kind, default=field.default)
@@ -37,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     throughput = args.pop("throughput_seconds")
     latency_only = args.pop("latency_only")
     args["policies"] = tuple(args["policies"])
+    args["training_seeds"] = tuple(args["training_seeds"])
     config = DrivingBenchConfig(**args)
     if latency_only:
         document = remeasure_latency(config)

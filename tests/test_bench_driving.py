@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from trajgen.bench.driving import (
     DrivingBenchConfig,
     _pool,
     check_targets,
+    combine_seeds,
     ensure_data,
     held_out_scene_seeds,
     mean_se,
@@ -130,3 +132,51 @@ def test_full_demo_meets_its_claim(tmp_path: Path) -> None:
     document = run_driving_benchmark(DrivingBenchConfig.demo(str(tmp_path / "demo")))
     assert document["targets"]["anchored_pdms_gt_regression_closed_loop"]["met"]
     assert (tmp_path / "demo" / "anchored_closed_loop.gif").exists()
+
+
+def test_seed_average_is_the_mean_and_standard_error_of_the_seed_means() -> None:
+    def result(open_pdms: float, closed: dict[str, float], diversity: float | None) -> dict:
+        stat = lambda m: {"mean": m, "se": 0.01, "n": 64}
+        return {"algorithm": "a", "nfe": 2, "latency_batch1": {"median_ms": 3.0},
+                "open_loop": {"all": {"pdms": stat(open_pdms)}},
+                "closed_loop": {s: {"pdms": stat(v)} for s, v in closed.items()},
+                "mode_diversity": None if diversity is None else stat(diversity), "training": {"wall_s": 1.0}}
+
+    per_seed = [result(0.9, {"merge": 0.8, "all": 0.6}, 0.5), result(0.8, {"merge": 0.6, "all": 0.4}, 0.7),
+                result(0.7, {"merge": 0.7, "all": 0.8}, 0.6)]
+    combined = combine_seeds(per_seed, [0, 1, 2])
+    pdms = combined["open_loop"]["all"]["pdms"]
+    assert pdms["mean"] == pytest.approx(0.8) and pdms["n"] == 3 and pdms["over"] == "training seeds"
+    assert pdms["se"] == pytest.approx(0.1 / np.sqrt(3))                 # std(0.9, 0.8, 0.7) = 0.1
+    assert combined["closed_loop"]["all"]["pdms"]["mean"] == pytest.approx(0.6)
+    assert combined["closed_loop"]["all"]["pdms"]["se"] == pytest.approx(0.2 / np.sqrt(3))
+    assert combined["mode_diversity"]["mean"] == pytest.approx(0.6)
+    assert combined["latency_batch1"] == {"median_ms": 3.0} and combined["training_seeds"] == [0, 1, 2]
+    assert [s["open_loop"]["all"]["pdms"]["mean"] for s in combined["per_seed"]] == [0.9, 0.8, 0.7]
+    assert len(combined["training"]) == 3
+    no_modes = combine_seeds([result(0.9, {"all": 0.5}, None), result(0.7, {"all": 0.5}, None)], [3, 4])
+    assert no_modes["mode_diversity"] is None
+    single = combine_seeds(per_seed[:1], [5])
+    assert single["open_loop"] == per_seed[0]["open_loop"] and "per_seed" not in single
+
+
+@pytest.mark.timeout(900)
+def test_two_training_seeds_train_separately_and_average(quick_demo: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "seeds"
+    shutil.copytree(quick_demo, out)                         # the first seed's runs are reused from the demo
+    config = dataclasses.replace(DrivingBenchConfig.quick(str(out)), training_seeds=(0, 1), pictures=False,
+                                 policies=("regression",))
+    document = run_driving_benchmark(config)
+    assert (out / "regression-seed1" / "policy.safetensors").is_file()
+    first = json.loads((quick_demo / "results.json").read_text())["policies"]["regression"]
+    result = document["policies"]["regression"]
+    assert result["training_seeds"] == [0, 1] and [s["seed"] for s in result["per_seed"]] == [0, 1]
+    assert result["per_seed"][0]["open_loop"] == first["open_loop"]   # seed 0: the demo's weights, same scores
+    seed_means = [s["closed_loop"]["all"]["pdms"]["mean"] for s in result["per_seed"]]
+    assert result["closed_loop"]["all"]["pdms"]["mean"] == pytest.approx(np.mean(seed_means))
+    assert seed_means[0] != seed_means[1] or result["per_seed"][0]["open_loop"] != result["per_seed"][1]["open_loop"]
+    assert "mean ± standard error over the training seeds" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="distinct"):
+        run_driving_benchmark(dataclasses.replace(config, training_seeds=(1, 1)))

@@ -26,7 +26,7 @@ import platform
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -99,11 +99,22 @@ class DrivingBenchConfig:
     max_decisions: int = 1000
     """closed-loop episodes stop after this many decisions (2 per second) if the time limit has not come first."""
     seed: int = 0
+    """seed of the data collection, the held-out scenes and the sampling noise; the first training seed."""
+    training_seeds: tuple[int, ...] = ()
+    """every policy is trained once per seed (weights, data order, k-means anchors; empty = ``(seed,)``); with
+    two or more, PDMS and the other scores are the mean over seeds with the standard error of the seed means.
+    The first seed's run lives in ``out_dir/<policy>`` (latency, pictures), the others' in
+    ``out_dir/<policy>-seed<s>``."""
     device: str | None = None
     """cpu | cuda (default: cuda when available)."""
     pictures: bool = True
     """write the bird's-eye plot and the closed-loop GIF."""
     progress: bool = True
+
+    @property
+    def seeds_for_training(self) -> tuple[int, ...]:
+        """``training_seeds``, or ``(seed,)`` when it is empty."""
+        return tuple(self.training_seeds) or (self.seed,)
 
     @classmethod
     def demo(cls, out_dir: str = "runs/demo") -> DrivingBenchConfig:
@@ -162,12 +173,15 @@ def read_rows(path: Path, seeds: np.ndarray, limit: int, keys: tuple[str, ...]) 
 # ---------------------------------------------------------------------------------------------- policies
 
 
-def build_policy(name: str, config: DrivingBenchConfig, train_plans: np.ndarray) -> DrivingPolicy:
-    """An untrained policy with the benchmark's shared sizes; normalisation and anchors from the training plans."""
+def build_policy(name: str, config: DrivingBenchConfig, train_plans: np.ndarray, seed: int | None = None
+                 ) -> DrivingPolicy:
+    """An untrained policy with the benchmark's shared sizes; normalisation and anchors from the training plans
+    (k-means seeded with ``seed``, default ``config.seed``)."""
     low, high = trajectory_bounds(train_plans)
     shared = {"d_model": config.d_model, "norm_low": tuple(low), "norm_high": tuple(high)}
     if name == "anchored":
-        anchors = kmeans_anchors(train_plans, k=AnchoredDiffusionConfig.n_anchors, seed=config.seed)
+        anchors = kmeans_anchors(train_plans, k=AnchoredDiffusionConfig.n_anchors,
+                                 seed=config.seed if seed is None else seed)
         return AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**shared), anchors=anchors)
     if name == "vanilla":
         return VanillaDiffusionPolicy(VanillaDiffusionConfig(**shared, denoiser_width=config.d_model))
@@ -176,22 +190,32 @@ def build_policy(name: str, config: DrivingBenchConfig, train_plans: np.ndarray)
     raise ValueError(f"policy must be one of {POLICY_NAMES}, got {name!r}")
 
 
+def run_dir(config: DrivingBenchConfig, name: str, seed: int) -> Path:
+    """Where policy ``name`` trained with ``seed`` lives: ``out_dir/<name>`` for the first training seed,
+    ``out_dir/<name>-seed<seed>`` for the others."""
+    first = config.seeds_for_training[0]
+    return Path(config.out_dir) / (name if seed == first else f"{name}-seed{seed}")
+
+
 def train_policy(name: str, config: DrivingBenchConfig, dataset: DrivingSamples,
-                 train_plans: np.ndarray) -> tuple[DrivingPolicy, dict[str, Any]]:
-    """Train (or resume, or reload) one policy; returns it with its training summary."""
-    out_dir = Path(config.out_dir) / name
+                 train_plans: np.ndarray, seed: int | None = None) -> tuple[DrivingPolicy, dict[str, Any]]:
+    """Train (or resume, or reload) one policy with training seed ``seed`` (default: the first of
+    ``config.seeds_for_training``); returns it with its training summary."""
+    seed = config.seeds_for_training[0] if seed is None else seed
+    out_dir = run_dir(config, name, seed)
     trainer = TrainerConfig(steps=config.train_steps, batch_size=config.batch_size, lr=config.lr,
-                            warmup_steps=config.warmup_steps, out_dir=str(out_dir), seed=config.seed,
+                            warmup_steps=config.warmup_steps, out_dir=str(out_dir), seed=seed,
                             device=config.device, progress=config.progress, tensorboard=False,
                             checkpoint_every=max(1, min(1000, config.train_steps)), log_every=100)
     summary_file = out_dir / "train_summary.json"
     settings = {"train_steps": config.train_steps, "batch_size": config.batch_size, "lr": config.lr,
-                "d_model": config.d_model, "seed": config.seed, "rows": len(dataset)}
+                "d_model": config.d_model, "seed": seed, "rows": len(dataset)}
     if summary_file.exists() and (out_dir / "policy.safetensors").exists():
         saved = json.loads(summary_file.read_text())
         if saved.get("settings") == settings:
             return DrivingPolicy.load(out_dir / "policy.safetensors", map_location=_device(config)), saved
-    policy = build_policy(name, config, train_plans)
+    torch.manual_seed(seed)  # the initial weights depend on the seed only, not on the policies built before
+    policy = build_policy(name, config, train_plans, seed)
     start = time.perf_counter()
     trained, summary = train_driving_policy(policy, dataset, trainer, resume=True)
     summary = {"settings": settings, "wall_s": time.perf_counter() - start,
@@ -371,6 +395,7 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
         if name and status:
             status(name)
 
+    _check_training_seeds(config.seeds_for_training)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -389,12 +414,15 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
     expert_closed = {s: closed_loop_scores(references[s], references[s]) for s in SCENARIOS}
     results: dict[str, Any] = {}
     for name in config.policies:
-        stage(f"training {name}")
-        policy, summary = train_policy(name, config, dataset, train_plans)
-        policy.eval()
-        stage(f"evaluating {name}")
-        results[name] = evaluate_policy(policy, config, test_rows, test_obs, scene_seeds, references)
-        results[name]["training"] = summary
+        per_seed = []
+        for seed in config.seeds_for_training:
+            stage(f"training {name} (seed {seed})")
+            policy, summary = train_policy(name, config, dataset, train_plans, seed)
+            policy.eval()
+            stage(f"evaluating {name} (seed {seed})")
+            per_seed.append({**evaluate_policy(policy, config, test_rows, test_obs, scene_seeds, references,
+                                               timed=not per_seed), "training": summary})
+        results[name] = combine_seeds(per_seed, config.seeds_for_training)
     document: dict[str, Any] = {
         "settings": asdict(config),
         "machine": machine_info(),
@@ -447,8 +475,9 @@ def remeasure_latency(config: DrivingBenchConfig) -> dict[str, Any]:
 
 def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows: Mapping[str, np.ndarray],
                     test_obs: Mapping[str, np.ndarray], scene_seeds: np.ndarray,
-                    references: Mapping[str, Rollout]) -> dict[str, Any]:
-    """Open-loop and closed-loop PDM scores, diversity, latency and size of one trained policy."""
+                    references: Mapping[str, Rollout], timed: bool = True) -> dict[str, Any]:
+    """Open-loop and closed-loop PDM scores, diversity, latency (unless not ``timed``: the weights do not change
+    a decision's cost, so only one training seed per policy is timed) and size of one trained policy."""
     plans, _, _ = plan_batched(policy, test_obs, seed=config.seed)
     open_scores = open_loop_scores(plans, test_rows)
     by_scenario = {}
@@ -475,9 +504,46 @@ def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows
         "open_loop": {"all": summarise(open_scores, SUB_SCORES), **by_scenario},
         "closed_loop": closed,
         "mode_diversity": diversity,
-        **batch1_latencies(policy, test_obs, config.latency_repeats),
+        **(batch1_latencies(policy, test_obs, config.latency_repeats) if timed else {}),
         "closed_loop_batched_ms_per_decision": 1e3 * decide_s / max(decisions, 1),
     }
+
+
+SEED_AVERAGED = ("open_loop", "closed_loop", "mode_diversity")
+"""Result entries whose (mean, se, n) statistics are averaged over training seeds."""
+
+
+def combine_seeds(per_seed: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """One policy's results over its training seeds (the first seed's result carries the latency and size).
+
+    With one seed the result is that seed's. With more, every ``{"mean", "se", "n"}`` statistic under
+    SEED_AVERAGED becomes the mean of the seed means, with the standard error of the seed means and n = the
+    number of seeds (``"over": "training seeds"``); the per-seed statistics stay under ``"per_seed"``."""
+    combined = {**per_seed[0], "training_seeds": list(seeds)}
+    if len(per_seed) == 1:
+        return combined
+
+    def average(values: Sequence[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, Mapping) and {"mean", "se", "n"} <= set(first):
+            means = np.asarray([v["mean"] for v in values], dtype=np.float64)
+            return {"mean": float(means.mean()), "se": float(means.std(ddof=1) / np.sqrt(means.size)),
+                    "n": int(means.size), "over": "training seeds"}
+        if isinstance(first, Mapping):
+            return {key: average([v[key] for v in values]) for key in first}
+        return first
+
+    for key in SEED_AVERAGED:
+        combined[key] = average([result[key] for result in per_seed])
+    combined["training"] = [result["training"] for result in per_seed]
+    combined["per_seed"] = [{"seed": seed, **{key: result[key] for key in SEED_AVERAGED}}
+                            for seed, result in zip(seeds, per_seed, strict=True)]
+    return combined
+
+
+def _check_training_seeds(seeds: Sequence[int]) -> None:
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"training_seeds must be distinct, got {list(seeds)}")
 
 
 def _pool(parts: list[dict[str, float]]) -> dict[str, float]:
@@ -551,6 +617,12 @@ def markdown_table(document: Mapping[str, Any]) -> str:
         lines.append("")
         lines.append("Latency: batch-1 decision, eager; 'graph' = the whole decision replayed from one CUDA graph, "
                      "including the host-to-device copy of the observation and the copy of the plan back.")
+    seeds = {len(r.get("training_seeds", [0])) for r in document["policies"].values()}
+    if seeds != {1}:
+        lines.append("")
+        lines.append("Scores: mean ± standard error over the training seeds (" + ", ".join(
+            f"{name} {r.get('training_seeds', [])}" for name, r in document["policies"].items())
+            + "); latency and size from the first seed's weights.")
     expert = document["expert_closed_loop"]
     lines.append("")
     lines.append("Expert (closed loop, reference for EP): " + ", ".join(
