@@ -176,12 +176,12 @@ def read_rows(path: Path, seeds: np.ndarray, limit: int, keys: tuple[str, ...]) 
 def build_policy(name: str, config: DrivingBenchConfig, train_plans: np.ndarray, seed: int | None = None
                  ) -> DrivingPolicy:
     """An untrained policy with the benchmark's shared sizes; normalisation and anchors from the training plans
-    (k-means seeded with ``seed``, default ``config.seed``)."""
+    (k-means seeded with ``seed``, default the first of ``config.seeds_for_training``)."""
     low, high = trajectory_bounds(train_plans)
     shared = {"d_model": config.d_model, "norm_low": tuple(low), "norm_high": tuple(high)}
     if name == "anchored":
         anchors = kmeans_anchors(train_plans, k=AnchoredDiffusionConfig.n_anchors,
-                                 seed=config.seed if seed is None else seed)
+                                 seed=config.seeds_for_training[0] if seed is None else seed)
         return AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**shared), anchors=anchors)
     if name == "vanilla":
         return VanillaDiffusionPolicy(VanillaDiffusionConfig(**shared, denoiser_width=config.d_model))
