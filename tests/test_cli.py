@@ -33,3 +33,16 @@ def test_train_arcs_rejects_unknown_solver(tmp_path):
     result = runner.invoke(app, ["train", "arcs", "--steps", "1", "--solver", "nope", "--out-dir", str(tmp_path)])
     assert result.exit_code != 0
     assert "nope" in str(result.exception) or "nope" in result.output
+
+
+def test_bench_driving_passes_the_training_seeds(monkeypatch, tmp_path):
+    import trajgen.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run_driving", lambda config, throughput_seconds: seen.update(config=config))
+    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--training-seed", "0",
+                                 "--training-seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"].seeds_for_training == (0, 2)
+    runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--seed", "5"])
+    assert seen["config"].seeds_for_training == (5,)                  # no --training-seed: the run's seed

@@ -66,6 +66,8 @@ def bench_driving(
     open_loop_rows: int = typer.Option(4000, help="held-out logged ticks scored open-loop"),
     device: str | None = typer.Option(None, help="cpu | cuda"),
     seed: int = typer.Option(0),
+    training_seed: list[int] | None = typer.Option(
+        None, help="train every policy once per seed (repeat the option); scores become mean ± s.e. over seeds"),
 ) -> None:
     """DiffusionDrive's comparison in trajgen's simulator: anchored truncated diffusion vs vanilla diffusion vs
     regression (PDMS open and closed loop, mode diversity, latency), plus simulator throughput vs highway-env."""
@@ -74,7 +76,7 @@ def bench_driving(
     config = DrivingBenchConfig(out_dir=str(out_dir), data=str(data) if data else None, n_samples=n_samples,
                                 train_steps=train_steps, batch_size=batch_size, d_model=d_model,
                                 closed_loop_episodes=episodes, open_loop_rows=open_loop_rows, device=device,
-                                seed=seed)
+                                seed=seed, training_seeds=tuple(training_seed or ()))
     _run_driving(config, throughput_seconds=5.0)
 
 
