@@ -111,6 +111,10 @@ class DrivingBenchConfig:
     """write the bird's-eye plot and the closed-loop GIF."""
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if len(set(self.training_seeds)) != len(self.training_seeds):
+            raise ValueError(f"training_seeds must be distinct, got {list(self.training_seeds)}")
+
     @property
     def seeds_for_training(self) -> tuple[int, ...]:
         """``training_seeds``, or ``(seed,)`` when it is empty."""
@@ -181,7 +185,7 @@ def build_policy(name: str, config: DrivingBenchConfig, train_plans: np.ndarray,
     shared = {"d_model": config.d_model, "norm_low": tuple(low), "norm_high": tuple(high)}
     if name == "anchored":
         anchors = kmeans_anchors(train_plans, k=AnchoredDiffusionConfig.n_anchors,
-                                 seed=config.seeds_for_training[0] if seed is None else seed)
+                                 seed=_training_seed(config, seed))
         return AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**shared), anchors=anchors)
     if name == "vanilla":
         return VanillaDiffusionPolicy(VanillaDiffusionConfig(**shared, denoiser_width=config.d_model))
@@ -190,18 +194,22 @@ def build_policy(name: str, config: DrivingBenchConfig, train_plans: np.ndarray,
     raise ValueError(f"policy must be one of {POLICY_NAMES}, got {name!r}")
 
 
+def _training_seed(config: DrivingBenchConfig, seed: int | None) -> int:
+    """``seed``, or the first of ``config.seeds_for_training`` when None."""
+    return config.seeds_for_training[0] if seed is None else seed
+
+
 def run_dir(config: DrivingBenchConfig, name: str, seed: int) -> Path:
     """Where policy ``name`` trained with ``seed`` lives: ``out_dir/<name>`` for the first training seed,
     ``out_dir/<name>-seed<seed>`` for the others."""
-    first = config.seeds_for_training[0]
-    return Path(config.out_dir) / (name if seed == first else f"{name}-seed{seed}")
+    return Path(config.out_dir) / (name if seed == _training_seed(config, None) else f"{name}-seed{seed}")
 
 
 def train_policy(name: str, config: DrivingBenchConfig, dataset: DrivingSamples,
                  train_plans: np.ndarray, seed: int | None = None) -> tuple[DrivingPolicy, dict[str, Any]]:
     """Train (or resume, or reload) one policy with training seed ``seed`` (default: the first of
     ``config.seeds_for_training``); returns it with its training summary."""
-    seed = config.seeds_for_training[0] if seed is None else seed
+    seed = _training_seed(config, seed)
     out_dir = run_dir(config, name, seed)
     trainer = TrainerConfig(steps=config.train_steps, batch_size=config.batch_size, lr=config.lr,
                             warmup_steps=config.warmup_steps, out_dir=str(out_dir), seed=seed,
@@ -395,7 +403,6 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
         if name and status:
             status(name)
 
-    _check_training_seeds(config.seeds_for_training)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -526,9 +533,7 @@ def combine_seeds(per_seed: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -
     def average(values: Sequence[Any]) -> Any:
         first = values[0]
         if isinstance(first, Mapping) and {"mean", "se", "n"} <= set(first):
-            means = np.asarray([v["mean"] for v in values], dtype=np.float64)
-            return {"mean": float(means.mean()), "se": float(means.std(ddof=1) / np.sqrt(means.size)),
-                    "n": int(means.size), "over": "training seeds"}
+            return {**mean_se(np.asarray([v["mean"] for v in values])), "over": "training seeds"}
         if isinstance(first, Mapping):
             return {key: average([v[key] for v in values]) for key in first}
         return first
@@ -539,11 +544,6 @@ def combine_seeds(per_seed: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -
     combined["per_seed"] = [{"seed": seed, **{key: result[key] for key in SEED_AVERAGED}}
                             for seed, result in zip(seeds, per_seed, strict=True)]
     return combined
-
-
-def _check_training_seeds(seeds: Sequence[int]) -> None:
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"training_seeds must be distinct, got {list(seeds)}")
 
 
 def _pool(parts: list[dict[str, float]]) -> dict[str, float]:
