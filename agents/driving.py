@@ -48,7 +48,8 @@ class PlanArrays:
 
 
 class DrivingAgent:
-    """A driving policy as an env agent (batched; eval mode and no_grad inside the policy's ``plan``).
+    """A driving policy as an env agent (batched; inference mode inside the policy's ``plan``). The agent puts the
+    policy in eval mode once, so decisions do not pay for switching modes.
 
     Args:
         policy: a trained :class:`DrivingPolicy`.
@@ -63,7 +64,7 @@ class DrivingAgent:
     def __init__(self, policy: DrivingPolicy, seed: int = 0, mode_persistence: float | None = None) -> None:
         if not isinstance(policy, DrivingPolicy):
             raise TypeError(f"policy must be a DrivingPolicy, got {type(policy).__name__}")
-        self.policy = policy
+        self.policy = policy.eval()
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
         self.mode_persistence = None if mode_persistence is None else ModePersistence(mode_persistence).margin
 

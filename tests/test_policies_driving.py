@@ -260,6 +260,22 @@ def test_anchored_plan_is_reproducible_with_a_generator() -> None:
     assert a.trajectory.shape == (2, 8, 3) and a.modes.shape == (2, 4, 8, 3)
 
 
+def test_plan_runs_in_eval_mode_and_leaves_the_callers_mode() -> None:
+    """A policy in training mode plans exactly as in eval mode (dropout off) and is back in training mode after;
+    a policy in eval mode stays there (plan skips the mode switch)."""
+    torch.manual_seed(0)
+    policy = small_anchored(dropout=0.5)
+    obs = random_obs(2)
+    policy.train()
+    in_training = policy.plan(obs, torch.Generator().manual_seed(5))
+    assert policy.training and all(m.training for m in policy.modules())
+    policy.eval()
+    in_eval = policy.plan(obs, torch.Generator().manual_seed(5))
+    assert not any(m.training for m in policy.modules())
+    assert torch.equal(in_training.modes, in_eval.modes) and torch.equal(in_training.scores, in_eval.scores)
+    assert not in_eval.modes.requires_grad
+
+
 # ---------------------------------------------------------------------------------------------- multi-modal task
 
 

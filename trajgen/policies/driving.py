@@ -265,19 +265,24 @@ class DrivingPolicy(nn.Module):
         raise NotImplementedError
 
     def plan(self, obs: Mapping[str, Any], generator: torch.Generator | None = None, **kwargs: Any) -> DrivingPlan:
-        """Plans for a batch of observations ([B, ...], or one unbatched observation -> B = 1), under no_grad
-        and in eval mode (the previous mode is restored).
+        """Plans for a batch of observations ([B, ...], or one unbatched observation -> B = 1), under
+        ``torch.inference_mode`` (the returned tensors are inference tensors: ``clone()`` them to use them in
+        autograd) and in eval mode (a policy in training mode is switched back afterwards).
 
         The observation is validated once here; :meth:`_plan` then runs on device tensors with no host sync
         (the same code a CUDA graph captures, see :meth:`cuda_graph`), and the plan is checked for NaN / inf.
         """
+        # Switching modes walks every submodule (~0.3 ms each way at batch 1 on a CPU), so a policy that is
+        # already in eval mode, as in a control loop, skips it.
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         try:
-            with torch.no_grad():
+            with torch.inference_mode():
                 decision = self._plan(self.observation_tensors(obs), generator, **kwargs)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         check_plan_finite(decision)
         return decision
 
