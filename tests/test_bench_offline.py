@@ -196,9 +196,9 @@ def test_missing_behaviour_run_says_how_to_get_one(tmp_path: Path) -> None:
         run_offline_benchmark(settings, tmp_path / "out", behaviour_dir=tmp_path / "none")
 
 
-def _load_script() -> Any:
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_offline.py"
-    spec = importlib.util.spec_from_file_location("bench_offline_script", path)
+def _load_script(name: str = "bench_offline") -> Any:
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
@@ -234,6 +234,41 @@ def test_script_small_nets_preset_keeps_explicit_overrides() -> None:
     assert set(only_bc.overrides) == {"behavior-cloning"} and only_bc.config("behavior-cloning").hidden_dim == 128
     with pytest.raises(SystemExit, match="--nets"):
         script.build_settings(script.make_parser().parse_args(["--quick", "--nets", "small"]))
+
+
+def test_plan_diagnosis_of_the_quick_cells_against_the_logged_data(quick_run: dict[str, Any], tmp_path: Path) -> None:
+    """The logged windows are the reference row (s1 error 0, step ratio 1, the inverse dynamics' own error); the
+    DT-style planner's plan is its draft; windows never cross an episode end."""
+    import h5py
+    import torch
+
+    from trajgen.policies.offline import load_policy
+
+    script = _load_script("diagnose_offline_plans")
+    out = quick_run["kwargs"]["out_dir"]
+    data = out / "data" / "hopper-quick.hdf5"
+    result = script.main(["--cells", str(out / "cells"), "--env", "hopper", "--level", "quick", "--data", str(data),
+                          "--n", "32", "--out", str(tmp_path / "diag.json")])
+    assert json.loads((tmp_path / "diag.json").read_text()) == result
+    algos = result["algorithms"]
+    assert set(algos) == {"trajectory-diffuser", "decision-diffuser", "decision-transformer"}
+    assert set(algos["decision-diffuser"]) == {"data", "policy", "from-noise"}
+    assert set(algos["trajectory-diffuser"]) == {"data", "policy", "from-noise", "draft"}
+    dt = algos["decision-transformer"]
+    assert dt["policy"] == dt["draft"]
+    policy = load_policy(out / "cells" / "hopper" / "quick" / "decision-transformer" / "seed0" / "run")
+    states, actions = script.logged_windows(data, policy.config.horizon, 32, 0)
+    with h5py.File(data) as f:
+        obs = f["observations"][:]
+        episode = np.cumsum(np.concatenate([[0], (f["terminals"][:-1] | f["timeouts"][:-1])]))
+    rows = [np.flatnonzero((obs == s[0]).all(1))[0] for s in states]
+    assert all(episode[r] == episode[r + policy.config.horizon - 1] for r in rows)
+    assert all(np.array_equal(obs[r: r + policy.config.horizon], s) for r, s in zip(rows, states))
+    with torch.no_grad():
+        norm = policy.model.normalize_states(torch.as_tensor(states))
+        acted = policy.model.unnormalize_actions(policy.model.inverse_dynamics(torch.cat([norm[:, 0], norm[:, 1]], -1)))
+    expected = float((acted - torch.as_tensor(actions)).pow(2).mean().sqrt())
+    assert dt["data"] == pytest.approx({"s1_rms": 0.0, "step_ratio": 1.0, "action_rms": expected}, rel=1e-5, abs=1e-6)
 
 
 # ---------------------------------------------------------------- aggregation and targets on hand-built cells
