@@ -373,6 +373,7 @@ def test_checkpoint_round_trip_and_mismatch_errors(tmp_path) -> None:
     path = policy.save(tmp_path / "anchored.safetensors")
     loaded = DrivingPolicy.load(path)
     assert type(loaded) is AnchoredDiffusionPolicy and loaded.config == policy.config
+    assert not any(m.training for m in loaded.modules())  # ready to decide, as from_pretrained conventions
     for key, value in policy.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
     obs = random_obs(2)

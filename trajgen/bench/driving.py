@@ -465,7 +465,7 @@ def remeasure_latency(config: DrivingBenchConfig) -> dict[str, Any]:
         raise ValueError(f"--latency-only needs a finished run: no {results_file}")
     document = json.loads(results_file.read_text())
     test_obs = latency_observations(config)
-    policies = {name: DrivingPolicy.load(out / name / "policy.safetensors", map_location=_device(config)).eval()
+    policies = {name: DrivingPolicy.load(out / name / "policy.safetensors", map_location=_device(config))
                 for name in document["policies"]}
     # every eager figure first: a failed graph capture cannot then cost the eager numbers of the next policy
     for name, result in document["policies"].items():

@@ -341,8 +341,9 @@ class DrivingPolicy(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> DrivingPolicy:
-        """A policy rebuilt from a :meth:`save` file. On ``DrivingPolicy`` any algorithm loads; on a subclass a
-        checkpoint of another algorithm raises ValueError."""
+        """A policy rebuilt from a :meth:`save` file, in eval mode (the Trainer switches it back to train mode to
+        fine-tune). On ``DrivingPolicy`` any algorithm loads; on a subclass a checkpoint of another algorithm raises
+        ValueError."""
         algorithm, config_values, state = _read_policy_file(path)
         if cls is DrivingPolicy:
             if algorithm not in POLICIES:
@@ -355,7 +356,7 @@ class DrivingPolicy(nn.Module):
             target = cls
         policy = target(target.config_class.from_dict(config_values))
         policy._load_state(state, str(path))
-        return policy.to(map_location)
+        return policy.to(map_location).eval()
 
     def load_weights(self, path: str | os.PathLike[str]) -> DrivingPolicy:
         """Load a :meth:`save` file into this policy; another algorithm or a different config (anchor count,
