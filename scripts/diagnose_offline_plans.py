@@ -35,7 +35,6 @@ from trajgen.policies.offline import (
     DiffusionPlanningPolicy,
     OfflinePolicy,
     PlanningPolicy,
-    TrajectoryDiffuserPolicy,
     load_policy,
 )
 
@@ -44,10 +43,7 @@ def logged_windows(path: str | Path, horizon: int, n: int, seed: int) -> tuple[n
     """n windows of ``horizon`` consecutive states inside one episode, and each window's first action:
     -> states [n, horizon, S] (raw), actions [n, A] (raw)."""
     data = load_d4rl(path)
-    ends = np.flatnonzero(data.terminals | data.timeouts)
-    episode_end = np.searchsorted(ends, np.arange(len(data.observations)))  # index into ends of each step's episode
-    last = np.append(ends, len(data.observations) - 1)[episode_end]
-    starts = np.flatnonzero(np.arange(len(data.observations)) + horizon - 1 <= last)
+    starts = np.concatenate([np.arange(start, end - horizon + 1) for start, end in data.episodes()])
     if len(starts) < n:
         raise ValueError(f"{path}: only {len(starts)} windows of {horizon} steps, asked for n={n}")
     chosen = np.sort(np.random.default_rng(seed).choice(starts, n, replace=False))
@@ -72,7 +68,7 @@ def planners(policy: PlanningPolicy, generator: torch.Generator) -> dict[str, Ca
         "policy": lambda s, c: policy.plan_normalized(s, c, generator=generator)}
     if isinstance(policy, DiffusionPlanningPolicy):
         out["from-noise"] = lambda s, c: policy.diffuse(s, c, generator=generator)
-    if isinstance(policy, TrajectoryDiffuserPolicy) or not isinstance(policy, DiffusionPlanningPolicy):
+    if hasattr(policy.model, "gpt"):
         out["draft"] = lambda s, c: policy.draft(s, c)
     return out
 
