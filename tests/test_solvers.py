@@ -9,6 +9,7 @@ import torch
 
 from trajgen.diffusion import EDM, Flow, VPCosine, VPDiscrete, VPLinear
 from trajgen.diffusion.analytic import GaussianMixture
+from trajgen.diffusion.predictions import convert
 from trajgen.solvers import SOLVERS, Sampler, make_grid, sample
 
 GMM = GaussianMixture.random(3, 2, seed=1)
@@ -274,6 +275,40 @@ def test_final_denoise_returns_x0_prediction(vp_problem):
     expected = GMM.posterior_mean(plain, VP.alpha(t), VP.sigma(t))
     assert sampler.nfe == 11
     assert torch.allclose(sampler(model, x), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver,prediction", [("ddim", "eps"), ("dpmsolver++", "v"), ("unipc", "eps"),
+                                               ("dpmsolver", "x0")])
+def test_clip_x0_matches_the_closed_form_for_a_constant_data_prediction(vp_problem, solver, prediction):
+    """A model whose x0 prediction is 3 everywhere, clipped to [-1, 1], is the constant-1 model: its
+    probability-flow ODE keeps eps_hat = (x_t - alpha_t) / sigma_t fixed, so x(t_e) = alpha_e + sigma_e eps_T,
+    and data-prediction solvers integrate it exactly."""
+    x, _ = vp_problem
+    def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return convert(torch.full_like(x_t, 3.0), x_t, t, VP, "x0", prediction)
+
+    t_end = 0.02
+    alpha_s, sigma_s, alpha_e, sigma_e = (float(f(torch.tensor(tt, dtype=torch.float64)))
+                                          for tt in (1.0, t_end) for f in (VP.alpha, VP.sigma))
+    exact = alpha_e + sigma_e * (x - alpha_s) / sigma_s
+    clipped = sample(model, x, schedule=VP, solver=solver, steps=6, prediction=prediction, t_end=t_end, clip_x0=1.0)
+    unclipped = sample(model, x, schedule=VP, solver=solver, steps=6, prediction=prediction, t_end=t_end)
+    assert torch.allclose(clipped, exact, atol=1e-10)
+    assert torch.allclose(unclipped, 3 * alpha_e + sigma_e * (x - 3 * alpha_s) / sigma_s, atol=1e-10)
+
+
+def test_clip_x0_that_never_binds_changes_nothing(vp_problem):
+    x, _ = vp_problem
+    model = GMM.denoiser(VP, "eps")
+    plain = Sampler(VP, "dpmsolver++", 10, "eps", t_end=0.05)(model, x)
+    wide = Sampler(VP, "dpmsolver++", 10, "eps", t_end=0.05, clip_x0=(-100.0, 100.0))(model, x)
+    assert torch.allclose(wide, plain, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [(1.0, -1.0), (0.0,), "1", float("nan"), True])
+def test_clip_x0_rejects_bad_ranges(bad):
+    with pytest.raises(ValueError, match="clip_x0"):
+        Sampler(VP, "ddim", 4, "eps", clip_x0=bad)
 
 
 def test_discrete_grid_lands_on_training_steps():

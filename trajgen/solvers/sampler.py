@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trajgen.diffusion.predictions import check_prediction
+from trajgen.diffusion.predictions import check_prediction, convert
 from trajgen.diffusion.schedules import Schedule
 from trajgen.solvers.executor import NOISE_ROW, Workspace, compile_plan
 from trajgen.solvers.grids import check_timesteps, make_grid
@@ -42,13 +42,17 @@ class Sampler:
         timesteps: an explicit decreasing tensor of times (overrides grid, steps, t_start, t_end).
         rho: the Karras grid's rho.
         final_denoise: after reaching t_end, return the model's x0 prediction there (one more call).
+        clip_x0: clamp the model's x0 prediction to ``(low, high)`` (or ``(-c, c)`` for a number c) at every
+            call before the solver uses it, as diffusers' ``clip_sample`` and Diffuser's ``clip_denoised`` do
+            for data normalised to a known range. Costs a conversion to x0 and back per call (none for x0 models).
         **options: solver options (``eta`` for ddim, ``churn`` for euler/heun, ``variant`` for unipc, ...).
     """
 
     def __init__(self, schedule: Schedule, solver: str = "dpmsolver++", steps: int = 10, prediction: str = "eps",
                  *, t_start: float = 1.0, t_end: float | None = None, order: int | None = None,
                  grid: str | None = None, timesteps: Tensor | None = None, rho: float = 7.0,
-                 final_denoise: bool = False, **options: Any) -> None:
+                 final_denoise: bool = False, clip_x0: float | tuple[float, float] | None = None,
+                 **options: Any) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a trajgen.diffusion.Schedule, got {type(schedule).__name__}")
         spec = get_solver(solver)
@@ -68,6 +72,7 @@ class Sampler:
         if final_denoise:
             builder.step(builder.evaluate(builder.points[-1], X, "x0"), builder.times[-1])
         self.schedule, self.solver, self.options = schedule, solver, options
+        self.clip_x0 = _check_clip_range(clip_x0)
         self.times = times
         self.t_start, self.t_end = float(times[0]), float(times[-1])
         self.steps = len(times) - 1
@@ -100,6 +105,7 @@ class Sampler:
             the state at t_end [B, ...] (and the trajectory when asked).
         """
         self._check_input(x, validate)
+        model = self._clipped(model)
         noise_fn = noise or _gaussian(generator)
         trajectory = [x] if return_trajectory else None
         with torch.no_grad():  # sampling builds no graph (gradient guidance enables autograd inside its call)
@@ -154,6 +160,20 @@ class Sampler:
                              "state overflowed); check the model on these inputs and times")
         return state_view.clone()
 
+    def _clipped(self, model: Model) -> Model:
+        """``model`` with its x0 prediction clamped to ``clip_x0`` (``model`` itself when clipping is off)."""
+        if self.clip_x0 is None:
+            return model
+        low, high = self.clip_x0
+        schedule, prediction = self.schedule, self.prediction
+        if prediction == "x0":
+            return lambda x_t, t, **cond: model(x_t, t, **cond).clamp(low, high)
+
+        def clipped(x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
+            x0 = convert(model(x_t, t, **cond), x_t, t, schedule, prediction, "x0").clamp_(low, high)
+            return convert(x0, x_t, t, schedule, "x0", prediction)
+        return clipped
+
     def _workspace(self, x: Tensor) -> Workspace:
         key = (x.shape, x.dtype, x.device, torch.is_inference_mode_enabled())
         if key not in self._workspaces:
@@ -191,6 +211,7 @@ class GraphedSampler:
         self.static_x = x.clone()
         self.static_cond = {k: v.clone() if isinstance(v, Tensor) else v for k, v in cond.items()}
         noise_fn = noise or _gaussian(None)
+        model = sampler._clipped(model)
 
         def run() -> Tensor:
             with torch.no_grad():
@@ -225,7 +246,8 @@ def sample(model: Model, x: Tensor, *, schedule: Schedule, solver: str = "dpmsol
            grid: str | None = None, timesteps: Tensor | None = None, noise: NoiseFn | None = None,
            constraint: Constraint | None = None, generator: torch.Generator | None = None,
            return_trajectory: bool = False, final_denoise: bool = False, validate: bool = True,
-           solver_options: dict[str, Any] | None = None, **cond: Any) -> Tensor | tuple[Tensor, Tensor]:
+           clip_x0: float | tuple[float, float] | None = None, solver_options: dict[str, Any] | None = None,
+           **cond: Any) -> Tensor | tuple[Tensor, Tensor]:
     """Integrate ``x`` [B, ...] from ``t_start`` to ``t_end`` with ``solver``; returns the state at t_end.
 
     A one-shot form of :class:`Sampler` (see it for every argument); ``solver_options`` holds the solver's
@@ -233,9 +255,23 @@ def sample(model: Model, x: Tensor, *, schedule: Schedule, solver: str = "dpmsol
     :class:`Sampler` once instead when sampling repeatedly (control loops).
     """
     sampler = Sampler(schedule, solver, steps, prediction, t_start=t_start, t_end=t_end, order=order, grid=grid,
-                      timesteps=timesteps, final_denoise=final_denoise, **(solver_options or {}))
+                      timesteps=timesteps, final_denoise=final_denoise, clip_x0=clip_x0, **(solver_options or {}))
     return sampler(model, x, noise=noise, constraint=constraint, generator=generator,
                    return_trajectory=return_trajectory, validate=validate, **cond)
+
+
+def _check_clip_range(clip_x0: float | tuple[float, float] | None) -> tuple[float, float] | None:
+    if clip_x0 is None:
+        return None
+    if isinstance(clip_x0, (int, float)) and not isinstance(clip_x0, bool):
+        low, high = -float(clip_x0), float(clip_x0)
+    elif isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2:
+        low, high = float(clip_x0[0]), float(clip_x0[1])
+    else:
+        raise ValueError(f"clip_x0 must be None, a number c (for (-c, c)) or a pair (low, high), got {clip_x0!r}")
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"clip_x0 must give finite bounds with low < high, got {clip_x0!r}")
+    return low, high
 
 
 def _gaussian(generator: torch.Generator | None) -> NoiseFn:
