@@ -53,7 +53,8 @@ class OfflineAgent:
 
 
 def evaluate(policy: OfflinePolicy, env_id: str, n_episodes: int, seed: int = 0, device: str | None = None, *,
-             num_envs: int | None = None, max_episode_steps: int | None = None) -> dict[str, Any]:
+             num_envs: int | None = None, max_episode_steps: int | None = None,
+             target_return: float | None = None) -> dict[str, Any]:
     """Roll out ``n_episodes`` episodes over a Gymnasium vector env, one batched policy call per step.
 
     Episodes run in rounds of ``num_envs`` parallel envs (default: all at once); episode k is reset with
@@ -68,6 +69,8 @@ def evaluate(policy: OfflinePolicy, env_id: str, n_episodes: int, seed: int = 0,
         device: where the policy runs (None: where it is).
         num_envs: parallel envs per round.
         max_episode_steps: override the env's time limit (short smoke runs).
+        target_return: the return each episode starts from (default: the policy's ``default_return``, the
+            best episode return of its training data); ignored by behaviour cloning.
     Returns:
         ``returns``, ``lengths`` (per episode), ``return_mean``, ``return_se``, ``scores`` /
         ``score_mean`` / ``score_se`` (D4RL-normalised with D4RL's reference returns; None for envs without
@@ -75,6 +78,8 @@ def evaluate(policy: OfflinePolicy, env_id: str, n_episodes: int, seed: int = 0,
     """
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
+    if target_return is not None and not np.isfinite(target_return):
+        raise ValueError(f"target_return must be a finite number, got {target_return}")
     _check_env_match(policy, env_id)
     if device is not None:
         policy.to(device)
@@ -83,7 +88,7 @@ def evaluate(policy: OfflinePolicy, env_id: str, n_episodes: int, seed: int = 0,
     returns, lengths, calls, start = [], [], 0, time.perf_counter()
     for first in range(0, n_episodes, num_envs):
         seeds = list(range(seed + first, seed + min(first + num_envs, n_episodes)))
-        round_returns, round_lengths, round_calls = _run_round(agent, env_id, seeds, max_episode_steps)
+        round_returns, round_lengths, round_calls = _run_round(agent, env_id, seeds, max_episode_steps, target_return)
         returns += round_returns
         lengths += round_lengths
         calls += round_calls
@@ -93,8 +98,8 @@ def evaluate(policy: OfflinePolicy, env_id: str, n_episodes: int, seed: int = 0,
             "env_steps_per_s": sum(lengths) / wall if wall > 0 else float("nan")}
 
 
-def _run_round(agent: OfflineAgent, env_id: str, seeds: list[int],
-               max_episode_steps: int | None) -> tuple[list[float], list[int], int]:
+def _run_round(agent: OfflineAgent, env_id: str, seeds: list[int], max_episode_steps: int | None,
+               target_return: float | None) -> tuple[list[float], list[int], int]:
     """One episode per seed in parallel; returns (returns, lengths, policy calls)."""
     kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
     envs = gym.make_vec(env_id, num_envs=len(seeds), vectorization_mode="sync", **kwargs)
@@ -105,7 +110,8 @@ def _run_round(agent: OfflineAgent, env_id: str, seeds: list[int],
         n = len(seeds)
         active = np.ones(n, dtype=bool)
         ep_return, ep_length = np.zeros(n), np.zeros(n, dtype=int)
-        rtg = np.full(n, agent.policy.default_return, dtype=np.float64)
+        target = agent.policy.default_return if target_return is None else float(target_return)
+        rtg = np.full(n, target, dtype=np.float64)
         calls = 0
         while active.any():
             actions = np.zeros((n, *envs.single_action_space.shape))
@@ -114,7 +120,7 @@ def _run_round(agent: OfflineAgent, env_id: str, seeds: list[int],
             obs, rewards, terminated, truncated, _ = envs.step(actions)
             ep_return[active] += rewards[active]
             ep_length[active] += 1
-            rtg[active] = agent.policy.next_returns_to_go(rtg[active], rewards[active])
+            rtg[active] = agent.policy.next_returns_to_go(rtg[active], rewards[active], target)
             active &= ~(terminated | truncated)
         return ep_return.tolist(), ep_length.tolist(), calls
     finally:

@@ -36,7 +36,7 @@ def test_train_arcs_rejects_unknown_solver(tmp_path):
 
 
 def test_bench_driving_passes_the_training_seeds(monkeypatch, tmp_path):
-    import trajgen.cli as cli
+    from trajgen import cli
 
     seen = {}
     monkeypatch.setattr(cli, "_run_driving", lambda config, throughput_seconds: seen.update(config=config))

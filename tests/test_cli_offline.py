@@ -31,7 +31,7 @@ def test_collect_train_eval_quick(tmp_path: Path) -> None:
              "--steps", "20", "--set", "batch_size=16", "--set", "hidden_dim=32", "--device", "cpu", cwd=tmp_path)
     assert (run / "policy.safetensors").exists()
     out = _trajgen("eval", "offline", "--policy", str(run), "--env", "Hopper-v5", "--episodes", "2",
-                   "--device", "cpu", cwd=tmp_path)
+                   "--device", "cpu", "--target-return", "1500", cwd=tmp_path)
     result = json.loads(out[out.index("{"):])
     assert result["episodes"] == 2
     assert len(result["returns"]) == 2

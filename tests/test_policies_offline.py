@@ -273,6 +273,39 @@ def test_evaluate_hopper_counts_episodes_and_matches_a_single_env_rollout() -> N
     assert result["score_mean"] == pytest.approx(expected_score)
 
 
+def test_evaluate_with_a_target_return_conditions_on_it_and_floors_at_its_fraction() -> None:
+    """The return condition starts at ``target_return`` and follows R - r, floored at min_return_fraction of that
+    target, checked against the same episode replayed by hand in a plain env."""
+    import gymnasium as gym
+
+    torch.manual_seed(0)
+    config = make_config("decision-transformer", **{k: v for k, v in TINY.items() if k.startswith("gpt") or
+                                                    k in ("horizon", "invdyn_hidden", "invdyn_depth")})
+    policy = build_policy(config, 11, 3, env_id="Hopper-v5")
+    seen: list[float] = []
+    act = policy.act
+
+    def spy(obs, returns_to_go=None, **kwargs):
+        seen.append(float(returns_to_go[0]))
+        return act(obs, returns_to_go, **kwargs)
+
+    policy.act = spy
+    target = 2.5
+    result = evaluate(policy, "Hopper-v5", n_episodes=1, seed=3, max_episode_steps=6, target_return=target)
+    env = gym.make("Hopper-v5", max_episode_steps=6)
+    obs, _ = env.reset(seed=3)
+    agent, rtg, expected, done = OfflineAgent(policy, seed=3), target, [], False
+    while not done:
+        expected.append(rtg)
+        action = np.clip(agent.act(obs[None], np.array([rtg]))[0], env.action_space.low, env.action_space.high)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        rtg, done = max(rtg - reward, config.min_return_fraction * target), terminated or truncated
+    assert seen[:len(expected)] == pytest.approx(expected, rel=1e-6) and len(expected) == result["lengths"][0]
+    assert expected[-1] == pytest.approx(target / 3)   # the floor of this target, not of the policy's default
+    with pytest.raises(ValueError, match="target_return"):
+        evaluate(policy, "Hopper-v5", n_episodes=1, target_return=float("nan"))
+
+
 def test_evaluate_diffusion_planner_and_env_mismatch() -> None:
     torch.manual_seed(0)
     config = TrajectoryDiffuserConfig(**TINY)

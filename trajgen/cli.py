@@ -192,12 +192,15 @@ def eval_offline_command(
     episodes: int = typer.Option(20, help="episodes, run batched over a vector env"),
     seed: int = typer.Option(0),
     device: str | None = typer.Option(None),
+    target_return: float | None = typer.Option(
+        None, help="return each episode starts from (default: the best episode return in the training data)"),
 ) -> None:
     """Normalised score (mean and standard error), returns and env steps/s of a trained offline policy."""
     from trajgen.agents.offline import evaluate
     from trajgen.policies.offline import load_policy
 
-    result = evaluate(load_policy(policy, env=env, device=device), env, episodes, seed=seed, device=device)
+    result = evaluate(load_policy(policy, env=env, device=device), env, episodes, seed=seed, device=device,
+                      target_return=target_return)
     console.print_json(json.dumps(result, default=str))
 
 
