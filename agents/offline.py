@@ -78,7 +78,8 @@ def evaluate(policy: OfflinePolicy, env_id: str, n_episodes: int, seed: int = 0,
     """
     if n_episodes < 1:
         raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
-    if target_return is not None and not np.isfinite(target_return):
+    target = policy.default_return if target_return is None else float(target_return)
+    if not np.isfinite(target):
         raise ValueError(f"target_return must be a finite number, got {target_return}")
     _check_env_match(policy, env_id)
     if device is not None:
@@ -88,7 +89,7 @@ def evaluate(policy: OfflinePolicy, env_id: str, n_episodes: int, seed: int = 0,
     returns, lengths, calls, start = [], [], 0, time.perf_counter()
     for first in range(0, n_episodes, num_envs):
         seeds = list(range(seed + first, seed + min(first + num_envs, n_episodes)))
-        round_returns, round_lengths, round_calls = _run_round(agent, env_id, seeds, max_episode_steps, target_return)
+        round_returns, round_lengths, round_calls = _run_round(agent, env_id, seeds, max_episode_steps, target)
         returns += round_returns
         lengths += round_lengths
         calls += round_calls
@@ -99,8 +100,9 @@ def evaluate(policy: OfflinePolicy, env_id: str, n_episodes: int, seed: int = 0,
 
 
 def _run_round(agent: OfflineAgent, env_id: str, seeds: list[int], max_episode_steps: int | None,
-               target_return: float | None) -> tuple[list[float], list[int], int]:
-    """One episode per seed in parallel; returns (returns, lengths, policy calls)."""
+               target: float) -> tuple[list[float], list[int], int]:
+    """One episode per seed in parallel, each starting from return condition ``target``; returns (returns,
+    lengths, policy calls)."""
     kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
     envs = gym.make_vec(env_id, num_envs=len(seeds), vectorization_mode="sync", **kwargs)
     try:
@@ -110,7 +112,6 @@ def _run_round(agent: OfflineAgent, env_id: str, seeds: list[int], max_episode_s
         n = len(seeds)
         active = np.ones(n, dtype=bool)
         ep_return, ep_length = np.zeros(n), np.zeros(n, dtype=int)
-        target = agent.policy.default_return if target_return is None else float(target_return)
         rtg = np.full(n, target, dtype=np.float64)
         calls = 0
         while active.any():

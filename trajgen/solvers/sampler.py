@@ -57,6 +57,7 @@ class Sampler:
             raise TypeError(f"schedule must be a trajgen.diffusion.Schedule, got {type(schedule).__name__}")
         spec = get_solver(solver)
         self.prediction = check_prediction(prediction)
+        self.clip_x0 = _check_clip_range(clip_x0)
         if timesteps is not None:
             times = check_timesteps(timesteps)
         else:
@@ -72,7 +73,6 @@ class Sampler:
         if final_denoise:
             builder.step(builder.evaluate(builder.points[-1], X, "x0"), builder.times[-1])
         self.schedule, self.solver, self.options = schedule, solver, options
-        self.clip_x0 = _check_clip_range(clip_x0)
         self.times = times
         self.t_start, self.t_end = float(times[0]), float(times[-1])
         self.steps = len(times) - 1
