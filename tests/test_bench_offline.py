@@ -17,6 +17,7 @@ import pytest
 
 from trajgen.bench.offline import (
     ALGORITHM_ORDER,
+    QUICK_OVERRIDES,
     OfflineBenchSettings,
     aggregate,
     cell_dir,
@@ -179,6 +180,29 @@ def test_finished_only_reports_the_finished_cells_and_trains_nothing(quick_run: 
 def test_changed_settings_do_not_reuse_or_overwrite_finished_cells(quick_run: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"other settings.*'episodes'"):
         run_offline_benchmark(quick_settings(episodes=21), **quick_run["kwargs"])
+
+
+def test_new_inference_options_reevaluate_the_trained_weights_and_keep_the_old_result(quick_run: dict[str, Any],
+                                                                                      tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(quick_run["kwargs"]["out_dir"] / "cells", out / "cells")
+    dataset = quick_run["kwargs"]["out_dir"] / "data" / "hopper-quick.hdf5"
+    td = cell_dir(out, "hopper", "quick", "trajectory-diffuser", 0)
+    before = json.loads((td / "result.json").read_text())
+    overrides = {algo: dict(QUICK_OVERRIDES[algo]) for algo in ALGORITHM_ORDER}
+    overrides["trajectory-diffuser"]["t_mid"] = 0.0
+    result = run_offline_benchmark(quick_settings(overrides=overrides), out, datasets={("hopper", "quick"): dataset})
+    assert len(result["skipped"]) == 3 and str(td / "result.json") not in result["skipped"]
+    after = json.loads((td / "result.json").read_text())
+    assert after["train"] == before["train"]                     # the trained weights were reused, not retrained
+    assert after["signature"]["config"]["t_mid"] == 0.0 and before["signature"]["config"]["t_mid"] > 0
+    assert after["latency"]["nfe"] < before["latency"]["nfe"]    # no refinement steps: the new option was used
+    assert json.loads((td / "result.superseded-0.json").read_text()) == before
+    overrides["trajectory-diffuser"]["unet_base_dim"] = 4      # a field the weights depend on: refused as before
+    with pytest.raises(ValueError, match=r"other settings.*'config'"):
+        run_offline_benchmark(quick_settings(overrides=overrides), out, datasets={("hopper", "quick"): dataset})
 
 
 def test_dataset_for_another_env_is_refused(quick_run: dict[str, Any], tmp_path: Path) -> None:

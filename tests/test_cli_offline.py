@@ -35,6 +35,11 @@ def test_collect_train_eval_quick(tmp_path: Path) -> None:
     result = json.loads(out[out.index("{"):])
     assert result["episodes"] == 2
     assert len(result["returns"]) == 2
+    refused = subprocess.run([sys.executable, "-m", "trajgen.cli", "eval", "offline", "--policy", str(run), "--env",
+                              "Hopper-v5", "--set", "hidden_dim=8"], check=False, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and "error: options ['hidden_dim'] change what a 'behavior-cloning' policy" in (
+        refused.stdout + refused.stderr)
 
 
 def test_bad_override_is_refused(tmp_path: Path) -> None:

@@ -216,7 +216,7 @@ def test_checkpoint_round_trip_and_mismatch(trained_td) -> None:
     policy, _, out = trained_td
     meta = read_policy_metadata(out)
     assert meta["algorithm"] == "trajectory-diffuser" and meta["env"] == "Linear-v0"
-    assert (meta["obs_dim"], meta["act_dim"]) == (S, A) and meta["config"]["t_mid"] == 0.3
+    assert (meta["obs_dim"], meta["act_dim"]) == (S, A) and meta["config"]["t_mid"] == TrajectoryDiffuserConfig.t_mid
     loaded = load_policy(out, algorithm="trajectory-diffuser", env="Linear-v0")
     obs = np.random.default_rng(5).standard_normal((3, S))
     saved, restored = policy.model.state_dict(), loaded.model.state_dict()
@@ -232,6 +232,23 @@ def test_checkpoint_round_trip_and_mismatch(trained_td) -> None:
         load_policy(out / "policy.safetensors", env="Hopper-v5")
     with pytest.raises(ValueError, match="not a trajgen offline policy"):
         load_policy(out / "checkpoints" / "step_00000150" / "model.safetensors")
+
+
+def test_inference_options_on_load_change_the_decision_not_the_weights(trained_td) -> None:
+    policy, _, out = trained_td
+    draft_only = load_policy(out, options={"t_mid": 0.0, "sample_steps": 1})
+    assert (draft_only.config.t_mid, draft_only.config.sample_steps) == (0.0, 1)
+    assert all(torch.equal(v, policy.model.state_dict()[k]) for k, v in draft_only.model.state_dict().items())
+    states, cond = torch.randn(4, S), torch.rand(4, 1)
+    # t_mid = 0: nothing to refine, the plan is the GPT's draft (refine's closed form)
+    assert torch.equal(draft_only.plan_normalized(states, cond), draft_only.draft(states, cond))
+    assert draft_only.nfe == policy.config.horizon - 1 + 1          # the draft's GPT calls and the inverse dynamics
+    with pytest.raises(ValueError, match=r"\['unet_base_dim'\] change what a 'trajectory-diffuser' policy learns"):
+        load_policy(out, options={"unet_base_dim": 8})
+    with pytest.raises(ValueError, match=r"\['t_mdi'\] are not fields of TrajectoryDiffuserConfig"):
+        load_policy(out, options={"t_mdi": 0.1})
+    with pytest.raises(ValueError, match="t_mid must be in"):
+        load_policy(out, options={"t_mid": 1.5})
 
 
 def test_training_resumes(linear_file, tmp_path) -> None:

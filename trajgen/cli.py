@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -194,13 +195,15 @@ def eval_offline_command(
     device: str | None = typer.Option(None),
     target_return: float | None = typer.Option(
         None, help="return each episode starts from (default: the best episode return in the training data)"),
+    options: list[str] = typer.Option([], "--set", help="inference option field=value, e.g. t_mid=0.1 "
+                                      "(repeatable; the config's inference_fields, no retraining)"),
 ) -> None:
     """Normalised score (mean and standard error), returns and env steps/s of a trained offline policy."""
     from trajgen.agents.offline import evaluate
     from trajgen.policies.offline import load_policy
 
-    result = evaluate(load_policy(policy, env=env, device=device), env, episodes, seed=seed, device=device,
-                      target_return=target_return)
+    loaded = load_policy(policy, env=env, device=device, options=_parse_overrides(options))
+    result = evaluate(loaded, env, episodes, seed=seed, device=device, target_return=target_return)
     console.print_json(json.dumps(result, default=str))
 
 
@@ -242,7 +245,13 @@ def collect_driving_command(
 
 
 def main() -> None:
-    app()
+    """Run the command line; bad input (ValueError, FileNotFoundError) prints its message and exits with 2,
+    without a traceback (every such error names the argument and what was expected)."""
+    try:
+        app()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

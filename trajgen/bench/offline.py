@@ -245,24 +245,41 @@ def run_cell(settings: OfflineBenchSettings, env: str, level: str, algo: str, se
     result = {"signature": signature, "env": env, "level": level, "algo": algo, "seed": seed,
               "train": train, "eval": _eval_record(env, evaluation, settings.eval_seed),
               "latency": measure_latency(policy, settings.latency_calls), "finished": time.strftime("%FT%T%z")}
+    _set_aside(directory / RESULT_FILE)
     _write_json(directory / RESULT_FILE, result)
     return result, False
 
 
+def _set_aside(result_file: Path) -> None:
+    """Keep a result that new inference options supersede as ``result.superseded-<k>.json`` (k = 0, 1, ...)."""
+    if result_file.is_file():
+        k = len(list(result_file.parent.glob("result.superseded-*.json")))
+        result_file.rename(result_file.with_name(f"result.superseded-{k}.json"))
+
+
 def finished_cell(settings: OfflineBenchSettings, env: str, level: str, algo: str, seed: int, dataset: Path,
                   out_dir: Path) -> dict[str, Any] | None:
-    """The cell's result when it has finished, else None. Raises ValueError when the cell directory holds a
-    result for other settings (it is never overwritten)."""
+    """The cell's result when it has finished, else None (also when only the config's inference fields changed:
+    :func:`run_cell` then evaluates the trained weights again and sets the old result aside). Raises ValueError
+    when the cell directory holds a result for other settings (it is never overwritten)."""
     done = cell_dir(out_dir, env, level, algo, seed) / RESULT_FILE
     if not done.is_file():
         return None
     signature = cell_signature(settings, env, level, algo, seed, dataset)
-    result = json.loads(done.read_text())
-    differ = sorted(k for k in signature if result.get("signature", {}).get(k) != signature[k])
-    if differ:
-        raise ValueError(f"{done} was computed with other settings (differing: {differ}); use another "
-                         "out_dir or delete that cell to recompute it")
-    return result
+    old = json.loads(done.read_text()).get("signature", {})
+    differ = sorted(k for k in signature if old.get(k) != signature[k])
+    if not differ:
+        return json.loads(done.read_text())
+    if differ == ["config"] and _training_signature(old, algo) == _training_signature(signature, algo):
+        return None
+    raise ValueError(f"{done} was computed with other settings (differing: {differ}); use another "
+                     "out_dir or delete that cell to recompute it")
+
+
+def _training_signature(signature: Mapping[str, Any], algo: str) -> dict[str, Any]:
+    """What a cell's trained weights depend on: updates, dataset, seed and the config without inference fields."""
+    return {"steps": signature.get("steps"), "dataset": signature.get("dataset"), "seed": signature.get("seed"),
+            "config": ALGORITHMS[algo].training_part(signature.get("config") or {})}
 
 
 def _trained_policy(settings: OfflineBenchSettings, algo: str, seed: int, dataset: Path, run_dir: Path,
@@ -271,8 +288,10 @@ def _trained_policy(settings: OfflineBenchSettings, algo: str, seed: int, datase
     record = run_dir / TRAIN_FILE
     if record.is_file() and (run_dir / POLICY_FILE).is_file():
         train = json.loads(record.read_text())
-        if train.get("signature") == {k: signature[k] for k in ("steps", "config", "dataset", "seed")}:
-            return load_policy(run_dir, algorithm=algo, device=settings.device), train["summary"]
+        if _training_signature(train.get("signature", {}), algo) == _training_signature(signature, algo):
+            config = settings.config(algo)
+            options = {k: v for k, v in config.to_dict().items() if k in config.inference_fields}
+            return load_policy(run_dir, algorithm=algo, device=settings.device, options=options), train["summary"]
     resumed = (run_dir / "checkpoints").is_dir()
     policy, summary = train_offline(settings.config(algo), dataset, run_dir, settings.steps, seed=seed, resume=True,
                                     device=settings.device)

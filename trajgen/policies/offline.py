@@ -60,6 +60,9 @@ class OfflineConfig:
     """Training settings every offline algorithm shares."""
 
     algorithm: ClassVar[str] = ""
+    inference_fields: ClassVar[frozenset[str]] = frozenset()
+    """fields that change only how a trained policy decides, not what it learns: ``load_policy(options=...)``
+    may set them on trained weights"""
     batch_size: int = 64
     """windows per optimizer update"""
     lr: float = 2e-4
@@ -84,6 +87,11 @@ class OfflineConfig:
         """Plain JSON-able dict of the fields."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    @classmethod
+    def training_part(cls, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """``fields`` (a :meth:`to_dict`) without the inference fields: what the trained weights depend on."""
+        return {k: v for k, v in fields.items() if k not in cls.inference_fields}
+
 
 @dataclass
 class BehaviorCloningConfig(OfflineConfig):
@@ -102,6 +110,7 @@ class BehaviorCloningConfig(OfflineConfig):
 class SequenceConfig(OfflineConfig):
     """Fields of the return-conditioned state-sequence planners (DT-style, Decision Diffuser, TD)."""
 
+    inference_fields: ClassVar[frozenset[str]] = frozenset({"target_return", "min_return_fraction"})
     horizon: int = 16
     """H: states per plan (the current state included)"""
     return_scale: float = 1000.0
@@ -146,6 +155,8 @@ class DecisionDiffuserConfig(SequenceConfig):
     """Decision Diffuser-style: return-conditioned diffusion over state plans from pure noise."""
 
     algorithm: ClassVar[str] = "decision-diffuser"
+    inference_fields: ClassVar[frozenset[str]] = SequenceConfig.inference_fields | {"guidance_scale", "solver",
+                                                                                     "sample_steps"}
     unet_base_dim: int = 32
     """TemporalUnet1d channels of the first level"""
     unet_dim_mults: tuple[int, ...] = (1, 2, 4)
@@ -180,10 +191,13 @@ class TrajectoryDiffuserConfig(DecisionDiffuserConfig, DecisionTransformerConfig
     """Trajectory Diffuser: the GPT drafts the plan, diffusion refines it from ``t_mid`` in a few steps."""
 
     algorithm: ClassVar[str] = "trajectory-diffuser"
+    inference_fields: ClassVar[frozenset[str]] = DecisionDiffuserConfig.inference_fields | {"t_mid", "use_draft"}
     use_draft: bool = True
     """refine the GPT's draft (False: sample from pure noise with ``sample_steps`` steps, an ablation)"""
-    t_mid: float = 0.3
-    """diffusion time the draft is noised to before refinement (0: keep the draft, 1: pure noise)"""
+    t_mid: float = 0.055
+    """diffusion time the draft is noised to before refinement (0: keep the draft, 1: pure noise). 0.055 is
+    sigma = 0.081 on the default 200-step linear table: the reference code refines the draft as its x at step 5
+    of a 100-step linear table (betas 1e-3 to 2e-2), sigma = 0.083"""
     sample_steps: int = 3
     """solver steps from t_mid down to the schedule's end"""
 
@@ -727,14 +741,17 @@ def read_policy_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_policy(path: str | Path, *, algorithm: str | None = None, env: str | None = None,
-                device: str | torch.device | None = None) -> OfflinePolicy:
+                device: str | torch.device | None = None, options: Mapping[str, Any] | None = None) -> OfflinePolicy:
     """Load a policy written by :func:`save_policy` (a file, or a run dir holding ``policy.safetensors``).
 
     Args:
         algorithm: if given, the file must hold this algorithm.
         env: if given, the file must have been trained on data from this env.
+        options: new values of the config's inference fields (``inference_fields``: e.g. ``t_mid``,
+            ``sample_steps``, ``guidance_scale``), applied to the trained weights without retraining.
     Raises:
-        ValueError: not a trajgen offline policy, another algorithm or env, or weights not matching the config.
+        ValueError: not a trajgen offline policy, another algorithm or env, weights not matching the config, or
+            an option that is not an inference field of the algorithm.
     """
     path = _policy_path(path)
     meta = read_policy_metadata(path)
@@ -742,7 +759,8 @@ def load_policy(path: str | Path, *, algorithm: str | None = None, env: str | No
         raise ValueError(f"{path} holds a '{meta['algorithm']}' policy, not '{algorithm}'")
     if env is not None and meta["env"] != env:
         raise ValueError(f"{path} was trained on data from env '{meta['env']}', not '{env}'")
-    config = make_config(meta["algorithm"], **meta["config"])
+    _check_inference_options(meta["algorithm"], options or {})
+    config = make_config(meta["algorithm"], **{**meta["config"], **(options or {})})
     policy = build_policy(config, meta["obs_dim"], meta["act_dim"], env_id=meta["env"])
     state = safetensors.torch.load_file(str(path))
     missing, unexpected = set(policy.model.state_dict()) - set(state), set(state) - set(policy.model.state_dict())
@@ -751,6 +769,20 @@ def load_policy(path: str | Path, *, algorithm: str | None = None, env: str | No
                          f"unexpected {sorted(unexpected)[:5]})")
     policy.model.load_state_dict(state)
     return policy.to(device) if device is not None else policy
+
+
+def _check_inference_options(algorithm: str, options: Mapping[str, Any]) -> None:
+    """Raise ValueError unless every key of ``options`` is an inference field of ``algorithm``'s config."""
+    config_class = ALGORITHMS[algorithm]
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"options {unknown} are not fields of {config_class.__name__}")
+    learned = sorted(set(options) - config_class.inference_fields)
+    if learned:
+        allowed = sorted(config_class.inference_fields)
+        raise ValueError(f"options {learned} change what a '{algorithm}' policy learns: retrain to change them "
+                         f"({f'a trained one takes {allowed}' if allowed else 'it has no inference options'})")
 
 
 def _policy_path(path: str | Path) -> Path:
