@@ -266,10 +266,11 @@ def finished_cell(settings: OfflineBenchSettings, env: str, level: str, algo: st
     if not done.is_file():
         return None
     signature = cell_signature(settings, env, level, algo, seed, dataset)
-    old = json.loads(done.read_text()).get("signature", {})
+    result = json.loads(done.read_text())
+    old = result.get("signature", {})
     differ = sorted(k for k in signature if old.get(k) != signature[k])
     if not differ:
-        return json.loads(done.read_text())
+        return result
     if differ == ["config"] and _training_signature(old, algo) == _training_signature(signature, algo):
         return None
     raise ValueError(f"{done} was computed with other settings (differing: {differ}); use another "
