@@ -27,6 +27,7 @@ from trajgen.bench.offline import (
     run_offline_benchmark,
 )
 from trajgen.envs.mujoco import REFERENCES_PATH
+from trajgen.policies.offline import TrajectoryDiffuserConfig
 
 HOPPER_D4RL = (-20.272305, 3234.3)  # REF_MIN_SCORE / REF_MAX_SCORE of hopper in D4RL's infos.py
 
@@ -197,9 +198,13 @@ def test_new_inference_options_reevaluate_the_trained_weights_and_keep_the_old_r
     assert len(result["skipped"]) == 3 and str(td / "result.json") not in result["skipped"]
     after = json.loads((td / "result.json").read_text())
     assert after["train"] == before["train"]                     # the trained weights were reused, not retrained
-    assert after["signature"]["config"]["t_mid"] == 0.0 and before["signature"]["config"]["t_mid"] > 0
+    assert after["signature"]["config"]["t_mid"] == 0.0 and before["signature"]["config"]["t_mid"] == TrajectoryDiffuserConfig.t_mid
     assert after["latency"]["nfe"] < before["latency"]["nfe"]    # no refinement steps: the new option was used
     assert json.loads((td / "result.superseded-0.json").read_text()) == before
+    (row,) = _load_script("compare_superseded").paired_rows(out)     # the before / after table of the script
+    assert (row["algo"], row["seeds"], row["changed"]) == ("trajectory-diffuser", [0], {"t_mid": (TrajectoryDiffuserConfig.t_mid, 0.0)})
+    assert row["before"] == [np.mean(before["eval"]["scores"]["d4rl"])]
+    assert row["after"] == [np.mean(after["eval"]["scores"]["d4rl"])]
     overrides["trajectory-diffuser"]["unet_base_dim"] = 4      # a field the weights depend on: refused as before
     with pytest.raises(ValueError, match=r"other settings.*'config'"):
         run_offline_benchmark(quick_settings(overrides=overrides), out, datasets={("hopper", "quick"): dataset})
