@@ -16,10 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from trajgen.bench.offline import format_score, score_summary
+
 
 def paired_rows(out_dir: Path, superseded: str = "result.superseded-0.json") -> list[dict[str, Any]]:
     """One row per env/level/algo with superseded cells: ``{env, level, algo, seeds, changed, before, after}``;
-    ``changed`` maps each differing config field to (before, after), ``before`` / ``after`` are per-seed means.
+    ``changed`` maps each differing config field to (before, after), ``before`` / ``after`` are per-seed means and
+    ``before_scores`` / ``after_scores`` the per-episode scores of each seed.
 
     Raises ValueError when a pair was not trained identically (then it is not a re-evaluation)."""
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -31,25 +34,24 @@ def paired_rows(out_dir: Path, superseded: str = "result.superseded-0.json") -> 
         changed = {k: (before.get(k), after.get(k)) for k in sorted(set(before) | set(after))
                    if before.get(k) != after.get(k)}
         row = groups.setdefault((new["env"], new["level"], new["algo"]),
-                                {"seeds": [], "changed": changed, "before": [], "after": []})
+                                {"seeds": [], "changed": changed, "before": [], "after": [], "before_scores": [],
+                                 "after_scores": []})
         row["seeds"].append(new["seed"])
-        row["before"].append(float(np.mean(old["eval"]["scores"]["d4rl"])))
-        row["after"].append(float(np.mean(new["eval"]["scores"]["d4rl"])))
+        for side, result in (("before", old), ("after", new)):
+            scores = result["eval"]["scores"]["d4rl"]
+            row[side].append(float(np.mean(scores)))
+            row[f"{side}_scores"].append(scores)
     return [{"env": e, "level": lv, "algo": a, **row} for (e, lv, a), row in sorted(groups.items())]
 
 
-def _mean_se(values: list[float]) -> str:
-    v = np.asarray(values)
-    return f"{v.mean():.1f}" + (f" ± {v.std(ddof=1) / np.sqrt(len(v)):.1f}" if len(v) > 1 else "")
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as a markdown table."""
+    """The rows as a markdown table (mean ± s.e. as the benchmark's table: over seeds, or episodes for one seed)."""
     lines = ["| dataset | algorithm | changed | seeds | before | after |", "|---|---|---|---|---|---|"]
     for r in rows:
         changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in r["changed"].items())
         lines.append(f"| {r['env']} {r['level']} | {r['algo']} | {changed} | {', '.join(map(str, r['seeds']))} | "
-                     f"{_mean_se(r['before'])} | {_mean_se(r['after'])} |")
+                     f"{format_score(score_summary(r['before_scores']))} | "
+                     f"{format_score(score_summary(r['after_scores']))} |")
     return "\n".join(lines)
 
 

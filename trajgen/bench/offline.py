@@ -291,7 +291,7 @@ def _trained_policy(settings: OfflineBenchSettings, algo: str, seed: int, datase
         train = json.loads(record.read_text())
         if _training_signature(train.get("signature", {}), algo) == _training_signature(signature, algo):
             config = settings.config(algo)
-            options = {k: v for k, v in config.to_dict().items() if k in config.inference_fields}
+            options = {k: getattr(config, k) for k in config.inference_fields}
             return load_policy(run_dir, algorithm=algo, device=settings.device, options=options), train["summary"]
     resumed = (run_dir / "checkpoints").is_dir()
     policy, summary = train_offline(settings.config(algo), dataset, run_dir, settings.steps, seed=seed, resume=True,
@@ -411,8 +411,8 @@ def aggregate(cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         rows.append({
             "env": env, "level": level, "algo": algo, "seeds": [c["seed"] for c in group], "n_seeds": len(group),
             "episodes_per_seed": [c["eval"]["episodes"] for c in group],
-            "score": {ref: _score_summary([c["eval"]["scores"][ref] for c in group]) for ref in REFERENCES},
-            "return": _score_summary([c["eval"]["returns"] for c in group]),
+            "score": {ref: score_summary([c["eval"]["scores"][ref] for c in group]) for ref in REFERENCES},
+            "return": score_summary([c["eval"]["returns"] for c in group]),
             "latency_median_ms": float(np.median(latency)), "latency_p99_ms": float(np.percentile(latency, 99)),
             "latency_cuda_graph": use_graph,
             "nfe": group[0]["latency"]["nfe"], "parameters": group[0]["train"]["parameters"],
@@ -433,7 +433,7 @@ def _latency(cell: Mapping[str, Any], use_graph: bool) -> Mapping[str, Any]:
     return cell["latency"]["graph"] if use_graph else cell["latency"]
 
 
-def _score_summary(per_seed: Sequence[Sequence[float] | None]) -> dict[str, Any] | None:
+def score_summary(per_seed: Sequence[Sequence[float] | None]) -> dict[str, Any] | None:
     """Mean over all episodes; s.e. of the seed means (>= 2 seeds) or over the episodes (1 seed)."""
     if any(values is None for values in per_seed):
         return None

@@ -384,11 +384,10 @@ class OfflinePolicy:
         return float(self.model.target_return)
 
     def next_returns_to_go(self, returns_to_go: Tensor | np.ndarray, rewards: Tensor | np.ndarray,
-                           target_return: float | None = None) -> Any:
-        """Remaining return after collecting ``rewards``: R - r, floored at min_return_fraction * target
-        (target: ``target_return``, default ``default_return``). Arrays [B] in, [B] out."""
-        target = self.default_return if target_return is None else float(target_return)
-        floor = getattr(self.config, "min_return_fraction", 0.0) * target
+                           target_return: float) -> Any:
+        """Remaining return after collecting ``rewards``: R - r, floored at min_return_fraction * ``target_return``
+        (the return the episode started from). Arrays [B] in, [B] out."""
+        floor = getattr(self.config, "min_return_fraction", 0.0) * target_return
         remaining = returns_to_go - rewards
         if isinstance(remaining, Tensor):
             return remaining.clamp_min(floor)
