@@ -61,6 +61,21 @@ def test_targets_compare_the_right_numbers() -> None:
     assert t["latency_ratio_vanilla_over_anchored"]["met"]
     assert t["anchored_more_diverse"]["met"]
     assert t["anchored_pdms_gt_regression_open_loop"]["met"]
+    assert not any("unet" in name for name in t)
+
+    results["vanilla-unet"] = _result(0.95, 0.6, 70.0, 0.6)
+    t = check_targets(results)
+    assert t["latency_ratio_vanilla_unet_over_anchored"]["ratio"] == pytest.approx(7.0)
+    assert not t["latency_ratio_vanilla_unet_over_anchored"]["met"]
+    assert not t["anchored_pdms_ge_vanilla_unet_open_loop"]["met"]
+    assert t["anchored_pdms_ge_vanilla_unet_closed_loop"]["met"]
+    assert not t["anchored_more_diverse_than_vanilla_unet"]["met"]
+    assert t["latency_ratio_vanilla_over_anchored"]["ratio"] == pytest.approx(9.0)  # the DiT's targets unchanged
+
+
+def test_bench_config_refuses_unknown_policies() -> None:
+    with pytest.raises(ValueError, match=r"policies: unknown \['vanila'\]"):
+        DrivingBenchConfig(policies=("anchored", "vanila"))
 
 
 @pytest.fixture(scope="module")

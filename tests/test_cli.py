@@ -35,14 +35,33 @@ def test_train_arcs_rejects_unknown_solver(tmp_path):
     assert "nope" in str(result.exception) or "nope" in result.output
 
 
-def test_bench_driving_passes_the_training_seeds(monkeypatch, tmp_path):
+@pytest.fixture
+def driving_config_seen(monkeypatch) -> dict:
+    """``trajgen bench driving`` builds its config and, instead of running, stores it under "config"."""
     from trajgen import cli
 
-    seen = {}
+    seen: dict = {}
     monkeypatch.setattr(cli, "_run_driving", lambda config, throughput_seconds: seen.update(config=config))
+    return seen
+
+
+def test_bench_driving_passes_the_training_seeds(driving_config_seen, tmp_path):
+    seen = driving_config_seen
     result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--training-seed", "0",
                                  "--training-seed", "2"])
     assert result.exit_code == 0, result.output
     assert seen["config"].seeds_for_training == (0, 2)
     runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--seed", "5"])
     assert seen["config"].seeds_for_training == (5,)                  # no --training-seed: the run's seed
+
+
+def test_bench_driving_passes_the_policies(driving_config_seen, tmp_path):
+    seen = driving_config_seen
+    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--policy", "anchored",
+                                 "--policy", "vanilla-unet"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"].policies == ("anchored", "vanilla-unet")
+    runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path)])
+    assert seen["config"].policies == ("anchored", "vanilla", "regression")
+    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--policy", "vanila"])
+    assert isinstance(result.exception, ValueError) and "vanila" in str(result.exception)  # main() exits 2 on it

@@ -3,11 +3,13 @@ checkpoints, data set and bad input."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import h5py
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -352,9 +354,11 @@ def test_multimodal_task_anchored_covers_both_modes_while_regression_averages(on
 # ---------------------------------------------------------------------------------------------- vanilla, checkpoints
 
 
-def test_vanilla_policy_samples_distinct_modes_in_20_steps() -> None:
+@pytest.mark.parametrize("denoiser", ["dit", "unet"])
+def test_vanilla_policy_samples_distinct_modes_in_20_steps(denoiser: str) -> None:
     torch.manual_seed(0)
-    policy = VanillaDiffusionPolicy(VanillaDiffusionConfig(**SMALL, denoiser_width=32, denoiser_depth=1, n_modes=5))
+    policy = VanillaDiffusionPolicy(VanillaDiffusionConfig(**SMALL, denoiser=denoiser, denoiser_width=32,
+                                                           denoiser_depth=1, n_modes=5))
     obs = random_obs(2)
     out = policy.loss({**obs, "trajectory": torch.randn(2, 8, 3)})
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
@@ -392,6 +396,49 @@ def test_checkpoint_round_trip_and_mismatch_errors(tmp_path) -> None:
     assert small_anchored().load_weights(path).anchors.equal(policy.anchors)
     with pytest.raises(ValueError, match="no policy file"):
         DrivingPolicy.load(tmp_path / "missing.safetensors")
+
+
+def test_unet_vanilla_sees_only_the_ego_token_and_round_trips(tmp_path) -> None:
+    torch.manual_seed(0)
+    policy = VanillaDiffusionPolicy(VanillaDiffusionConfig(**SMALL, denoiser="unet", unet_base_dim=8,
+                                                           unet_dim_mults=(1, 2))).eval()
+    tokens, mask = torch.randn(3, 6, 32), torch.ones(3, 6, dtype=torch.bool)
+    x, t = torch.randn(3, 8, 3), torch.rand(3)
+    with torch.no_grad():
+        base = policy._denoise(x, t, tokens, mask)
+        other_tokens = tokens.clone()
+        other_tokens[:, 1:] = torch.randn(3, 5, 32)  # every token but the ego token
+        assert torch.equal(policy._denoise(x, t, other_tokens, mask), base)
+        other_tokens[:, 0] += 1.0
+        assert (policy._denoise(x, t, other_tokens, mask) - base).abs().max() > 1e-4
+    path = policy.save(tmp_path / "unet.safetensors")
+    loaded = DrivingPolicy.load(path)
+    assert loaded.config == policy.config and loaded.config.unet_dim_mults == (1, 2)
+    obs = random_obs(2)
+    a, b = policy.plan(obs, torch.Generator().manual_seed(4)), loaded.plan(obs, torch.Generator().manual_seed(4))
+    assert torch.equal(a.trajectory, b.trajectory)
+    dit = VanillaDiffusionPolicy(VanillaDiffusionConfig(**SMALL))
+    with pytest.raises(ValueError, match="denoiser: checkpoint 'unet' vs policy 'dit'"):
+        dit.load_weights(path)
+    with pytest.raises(ValueError, match="denoiser must be one of"):
+        VanillaDiffusionConfig(**SMALL, denoiser="transformer")
+
+
+def test_a_checkpoint_older_than_a_config_field_loads_with_its_default(tmp_path) -> None:
+    """Vanilla checkpoints written before ``denoiser`` existed hold a DiT: they load as one, by both paths."""
+    torch.manual_seed(0)
+    policy = VanillaDiffusionPolicy(VanillaDiffusionConfig(**SMALL, denoiser_width=32, denoiser_depth=1))
+    old_config = {k: v for k, v in policy.config.to_dict().items()
+                  if k not in ("denoiser", "unet_base_dim", "unet_dim_mults")}
+    metadata = {"format": "pt", "algorithm": policy.algorithm, "config": json.dumps(old_config)}
+    path = tmp_path / "old.safetensors"
+    safetensors.torch.save_file(policy.state_dict(), str(path), metadata=metadata)
+    loaded = DrivingPolicy.load(path)
+    assert loaded.config == policy.config and loaded.config.denoiser == "dit"
+    copy = VanillaDiffusionPolicy(VanillaDiffusionConfig(**SMALL, denoiser_width=32, denoiser_depth=1))
+    copy.load_weights(path)
+    for key, value in policy.state_dict().items():
+        assert torch.equal(copy.state_dict()[key], value), key
 
 
 # ---------------------------------------------------------------------------------------------- data and training

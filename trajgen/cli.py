@@ -69,15 +69,19 @@ def bench_driving(
     seed: int = typer.Option(0),
     training_seed: list[int] | None = typer.Option(
         None, help="train every policy once per seed (repeat the option); scores become mean ± s.e. over seeds"),
+    policy: list[str] | None = typer.Option(
+        None, help="policies to compare (repeat the option; default anchored, vanilla, regression; "
+                   "'vanilla-unet' adds the vanilla policy with DiffusionDrive's TransfuserDP U-Net)"),
 ) -> None:
     """DiffusionDrive's comparison in trajgen's simulator: anchored truncated diffusion vs vanilla diffusion vs
     regression (PDMS open and closed loop, mode diversity, latency), plus simulator throughput vs highway-env."""
-    from trajgen.bench.driving import DrivingBenchConfig
+    from trajgen.bench.driving import POLICY_NAMES, DrivingBenchConfig
 
     config = DrivingBenchConfig(out_dir=str(out_dir), data=str(data) if data else None, n_samples=n_samples,
                                 train_steps=train_steps, batch_size=batch_size, d_model=d_model,
                                 closed_loop_episodes=episodes, open_loop_rows=open_loop_rows, device=device,
-                                seed=seed, training_seeds=tuple(training_seed or ()))
+                                seed=seed, training_seeds=tuple(training_seed or ()),
+                                policies=tuple(policy or POLICY_NAMES))
     _run_driving(config, throughput_seconds=5.0)
 
 

@@ -38,6 +38,7 @@ from trajgen.diffusion.schedules import VPDiscrete
 from trajgen.nets.dit1d import DiT1d, modulate
 from trajgen.nets.embeddings import TimeEmbedding
 from trajgen.nets.layers import Attention
+from trajgen.nets.unet1d import TemporalUnet1d
 from trajgen.policies.anchors import TrajectoryNormalizer, nearest_anchor
 from trajgen.policies.scene_encoder import ObservationSpec, SceneEncoder, validate_observation
 from trajgen.solvers import Sampler
@@ -172,14 +173,25 @@ class AnchoredDiffusionConfig(DrivingPolicyConfig):
             raise ValueError(f"point_embedding_dim must be even and >= 2, got {self.point_embedding_dim}")
 
 
+VANILLA_DENOISERS = ("dit", "unet")
+
+
 @dataclass
 class VanillaDiffusionConfig(DrivingPolicyConfig):
-    """Full-range diffusion over the plan with a DiT-1d denoiser."""
+    """Full-range diffusion over the plan with a DiT-1d or a temporal U-Net denoiser."""
 
+    denoiser: str = "dit"
+    """'dit': DiT-1d, adaLN on the ego token and cross-attention to every scene token; 'unet': Diffusion Policy's
+    conditional 1-D U-Net (``TemporalUnet1d``) with FiLM on the ego token only, the head of DiffusionDrive's
+    TransfuserDP baseline"""
     denoiser_width: int = 128
     """DiT token width"""
     denoiser_depth: int = 3
     """DiT blocks"""
+    unet_base_dim: int = 16
+    """U-Net channels of the first level (denoiser='unet')"""
+    unet_dim_mults: tuple[int, ...] = (1, 2, 4)
+    """U-Net channel multiplier per level (denoiser='unet'; Diffusion Policy's down_dims are 1:2:4)"""
     prediction: str = "eps"
     """what the denoiser predicts: 'eps', 'x0' or 'v'"""
     diffusion_steps: int = 1000
@@ -199,6 +211,13 @@ class VanillaDiffusionConfig(DrivingPolicyConfig):
     cost time -- ask ``plan(obs, n_modes=20)`` for the modes (mode diversity)"""
     clip_sample: bool = True
     """clip the sampled normalised plan to [-1, 1] (Diffusion Policy's clip_sample)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.unet_dim_mults = tuple(int(m) for m in self.unet_dim_mults)  # type: ignore[assignment]
+        if self.denoiser not in VANILLA_DENOISERS:
+            raise ValueError(f"VanillaDiffusionConfig.denoiser must be one of {VANILLA_DENOISERS}, got "
+                             f"{self.denoiser!r}")
 
 
 @dataclass
@@ -364,9 +383,10 @@ class DrivingPolicy(nn.Module):
         algorithm, config_values, state = _read_policy_file(path)
         if algorithm != self.algorithm:
             raise ValueError(f"{path} holds a {algorithm!r} policy; this policy is {self.algorithm!r}")
-        mine = self.config.to_dict()
-        differ = [f"{k}: checkpoint {config_values.get(k)!r} vs policy {v!r}" for k, v in mine.items()
-                  if config_values.get(k) != v]
+        # fields the checkpoint predates take their defaults, as in ``load``
+        saved = self.config_class.from_dict(config_values).to_dict()
+        differ = [f"{k}: checkpoint {saved[k]!r} vs policy {v!r}" for k, v in self.config.to_dict().items()
+                  if saved[k] != v]
         if differ:
             raise ValueError(f"{path} was saved with a different config: " + "; ".join(differ))
         self._load_state(state, str(path))
@@ -691,8 +711,9 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
 
 
 class VanillaDiffusionPolicy(DrivingPolicy):
-    """DiT-1d over the normalised plan [B, H, 3], conditioned on the ego token (adaLN) and cross-attending to all
-    scene tokens; trained with DiffusionLoss over the full range, sampled from pure noise."""
+    """A denoiser over the normalised plan [B, H, 3] (``config.denoiser``: a DiT-1d conditioned on the ego token by
+    adaLN and cross-attending to all scene tokens, or a temporal U-Net with FiLM on the ego token); trained with
+    DiffusionLoss over the full range, sampled from pure noise."""
 
     algorithm = "vanilla-diffusion"
     config_class = VanillaDiffusionConfig
@@ -700,11 +721,16 @@ class VanillaDiffusionPolicy(DrivingPolicy):
     def __init__(self, config: VanillaDiffusionConfig | None = None) -> None:
         config = config or VanillaDiffusionConfig()
         super().__init__(config)
-        if config.denoiser_width % config.heads:
-            raise ValueError(f"denoiser_width={config.denoiser_width} must be divisible by heads={config.heads}")
-        self.denoiser = DiT1d(POSE_DIM, config.denoiser_width, config.denoiser_depth, config.heads,
-                              max_len=config.horizon, mlp_ratio=config.mlp_ratio, cond_dim=config.d_model,
-                              context_dim=config.d_model, dropout=config.dropout)
+        self.denoiser: nn.Module
+        if config.denoiser == "unet":
+            self.denoiser = TemporalUnet1d(POSE_DIM, config.unet_base_dim, config.unet_dim_mults,
+                                           cond_dim=config.d_model)
+        else:
+            if config.denoiser_width % config.heads:
+                raise ValueError(f"denoiser_width={config.denoiser_width} must be divisible by heads={config.heads}")
+            self.denoiser = DiT1d(POSE_DIM, config.denoiser_width, config.denoiser_depth, config.heads,
+                                  max_len=config.horizon, mlp_ratio=config.mlp_ratio, cond_dim=config.d_model,
+                                  context_dim=config.d_model, dropout=config.dropout)
         self.schedule = _scaled_linear(config.diffusion_steps, config.beta_start, config.beta_end)
         self.diffusion_loss = DiffusionLoss(self.schedule, config.prediction)
         self.sampler = Sampler(self.schedule, config.solver, config.steps, config.prediction, t_end=config.t_end)
@@ -714,7 +740,10 @@ class VanillaDiffusionPolicy(DrivingPolicy):
         return self.sampler.nfe
 
     def _denoise(self, x_t: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
-        """x_t [B, H, 3], t [B], tokens [B, T, D], token_mask [B, T] -> prediction [B, H, 3]."""
+        """x_t [B, H, 3], t [B], tokens [B, T, D], token_mask [B, T] -> prediction [B, H, 3]. The U-Net sees the
+        ego token (which has attended to the whole scene in the encoder); the DiT also cross-attends to every token."""
+        if isinstance(self.denoiser, TemporalUnet1d):
+            return self.denoiser(x_t, t, tokens[:, 0])
         return self.denoiser(x_t, t, tokens[:, 0], context=tokens, context_mask=token_mask)
 
     def loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
