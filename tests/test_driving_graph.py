@@ -176,8 +176,9 @@ def test_vanilla_and_regression_plans_are_reproducible_and_validated_once() -> N
     policy = policies["regression"]
     with torch.no_grad():
         tokens, mask = policy.encoder(obs)
-        query = policy.query.expand(2, -1, -1)
-        feature = policy.norm(query + policy.attn(query, tokens, key_mask=mask))[:, 0]
+        pooling = policy.pooling
+        query = pooling.query.expand(2, -1, -1)
+        feature = pooling.norm(query + pooling.attn(query, tokens, key_mask=mask))[:, 0]
         expected = policy.normalizer.denormalize(policy.head(torch.cat([feature, tokens[:, 0]], -1)).unflatten(-1, (8, 3)))
     torch.testing.assert_close(policy.plan(obs).trajectory, expected, atol=1e-6, rtol=0)
     bad = dict(obs, ego=np.full_like(obs["ego"], np.nan))

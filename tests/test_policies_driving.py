@@ -398,19 +398,23 @@ def test_checkpoint_round_trip_and_mismatch_errors(tmp_path) -> None:
         DrivingPolicy.load(tmp_path / "missing.safetensors")
 
 
-def test_unet_vanilla_sees_only_the_ego_token_and_round_trips(tmp_path) -> None:
+def test_unet_vanilla_is_conditioned_on_the_pooled_scene_and_round_trips(tmp_path) -> None:
     torch.manual_seed(0)
     policy = VanillaDiffusionPolicy(VanillaDiffusionConfig(**SMALL, denoiser="unet", unet_base_dim=8,
                                                            unet_dim_mults=(1, 2))).eval()
     tokens, mask = torch.randn(3, 6, 32), torch.ones(3, 6, dtype=torch.bool)
+    mask[:, -1] = False
     x, t = torch.randn(3, 8, 3), torch.rand(3)
     with torch.no_grad():
-        base = policy._denoise(x, t, tokens, mask)
-        other_tokens = tokens.clone()
-        other_tokens[:, 1:] = torch.randn(3, 5, 32)  # every token but the ego token
-        assert torch.equal(policy._denoise(x, t, other_tokens, mask), base)
-        other_tokens[:, 0] += 1.0
-        assert (policy._denoise(x, t, other_tokens, mask) - base).abs().max() > 1e-4
+        condition = policy._condition(tokens, mask)
+        assert condition["cond"].shape == (3, 64)  # the regression head's input: pooled query and ego token
+        torch.testing.assert_close(condition["cond"], policy.pooling(tokens, mask), rtol=0, atol=0)
+        base = policy._denoise(x, t, **condition)
+        other = tokens.clone()
+        other[:, -1] = 1e3  # a masked token: no influence
+        torch.testing.assert_close(policy._denoise(x, t, **policy._condition(other, mask)), base, rtol=0, atol=1e-6)
+        other[:, 2] += 1.0  # a valid non-ego token does influence it
+        assert (policy._denoise(x, t, **policy._condition(other, mask)) - base).abs().max() > 1e-4
     path = policy.save(tmp_path / "unet.safetensors")
     loaded = DrivingPolicy.load(path)
     assert loaded.config == policy.config and loaded.config.unet_dim_mults == (1, 2)
@@ -422,6 +426,18 @@ def test_unet_vanilla_sees_only_the_ego_token_and_round_trips(tmp_path) -> None:
         dit.load_weights(path)
     with pytest.raises(ValueError, match="denoiser must be one of"):
         VanillaDiffusionConfig(**SMALL, denoiser="transformer")
+
+
+def test_regression_checkpoint_with_the_old_parameter_names_loads(tmp_path) -> None:
+    torch.manual_seed(0)
+    policy = RegressionPolicy(RegressionConfig(**SMALL))
+    old_names = {key.removeprefix("pooling."): value for key, value in policy.state_dict().items()}
+    assert "query" in old_names and "attn.to_q.weight" not in policy.state_dict()  # keys really were renamed
+    metadata = {"format": "pt", "algorithm": policy.algorithm, "config": json.dumps(policy.config.to_dict())}
+    safetensors.torch.save_file(old_names, str(tmp_path / "old.safetensors"), metadata=metadata)
+    loaded = DrivingPolicy.load(tmp_path / "old.safetensors")
+    obs = random_obs(2)
+    assert torch.equal(loaded.plan(obs).trajectory, policy.plan(obs).trajectory)
 
 
 def test_a_checkpoint_older_than_a_config_field_loads_with_its_default(tmp_path) -> None:

@@ -182,8 +182,9 @@ class VanillaDiffusionConfig(DrivingPolicyConfig):
 
     denoiser: str = "dit"
     """'dit': DiT-1d, adaLN on the ego token and cross-attention to every scene token; 'unet': Diffusion Policy's
-    conditional 1-D U-Net (``TemporalUnet1d``) with FiLM on the ego token only, the head of DiffusionDrive's
-    TransfuserDP baseline"""
+    conditional 1-D U-Net (``TemporalUnet1d``), DiffusionDrive's TransfuserDP baseline: it replaces the regression
+    MLP head on the same input (a learned plan query pooled over the scene, with the ego token) as its FiLM
+    condition"""
     denoiser_width: int = 128
     """DiT token width"""
     denoiser_depth: int = 3
@@ -392,7 +393,11 @@ class DrivingPolicy(nn.Module):
         self._load_state(state, str(path))
         return self
 
+    renamed_parameters: ClassVar[dict[str, str]] = {}
+    """old -> new parameter-name prefixes: checkpoints written before a rename load under the new names"""
+
     def _load_state(self, state: dict[str, Tensor], source: str) -> None:
+        state = {_renamed(key, self.renamed_parameters): value for key, value in state.items()}
         own = self.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -456,6 +461,14 @@ class GraphedPlanner:
                                None if out.scores is None else out.scores.clone())
         check_plan_finite(decision)
         return decision
+
+
+def _renamed(key: str, prefixes: Mapping[str, str]) -> str:
+    """``key`` with the first matching old prefix replaced by its new one."""
+    for old, new in prefixes.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
 
 
 def _read_policy_file(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
@@ -707,6 +720,27 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
         return DrivingPlan(plan, modes, scores)
 
 
+# ---------------------------------------------------------------------------------------------- plan query
+
+
+class PlanQueryPooling(nn.Module):
+    """Transfuser's planning input: one learned plan query cross-attends to the scene tokens, and its feature is
+    concatenated with the ego token: `forward(tokens [B, T, D], token_mask [B, T]) -> [B, 2D]` (``out_dim`` = 2D).
+    The regression head reads it, and so does the U-Net vanilla policy (TransfuserDP) as its condition."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.out_dim = 2 * width
+        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.attn = Attention(width, heads, dropout=dropout)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, tokens: Tensor, token_mask: Tensor) -> Tensor:
+        query = self.query.expand(tokens.shape[0], -1, -1)
+        feature = self.norm(query + self.attn(query, tokens, key_mask=token_mask))[:, 0]
+        return torch.cat([feature, tokens[:, 0]], dim=-1)
+
+
 # ---------------------------------------------------------------------------------------------- vanilla diffusion
 
 
@@ -723,8 +757,9 @@ class VanillaDiffusionPolicy(DrivingPolicy):
         super().__init__(config)
         self.denoiser: nn.Module
         if config.denoiser == "unet":
+            self.pooling = PlanQueryPooling(config.d_model, config.heads, config.dropout)
             self.denoiser = TemporalUnet1d(POSE_DIM, config.unet_base_dim, config.unet_dim_mults,
-                                           cond_dim=config.d_model)
+                                           cond_dim=self.pooling.out_dim)
         else:
             if config.denoiser_width % config.heads:
                 raise ValueError(f"denoiser_width={config.denoiser_width} must be divisible by heads={config.heads}")
@@ -739,19 +774,25 @@ class VanillaDiffusionPolicy(DrivingPolicy):
     def nfe(self) -> int:
         return self.sampler.nfe
 
-    def _denoise(self, x_t: Tensor, t: Tensor, tokens: Tensor, token_mask: Tensor) -> Tensor:
-        """x_t [B, H, 3], t [B], tokens [B, T, D], token_mask [B, T] -> prediction [B, H, 3]. The U-Net sees the
-        ego token (which has attended to the whole scene in the encoder); the DiT also cross-attends to every token."""
+    def _condition(self, tokens: Tensor, token_mask: Tensor) -> dict[str, Tensor]:
+        """The denoiser's scene condition, computed once per decision: the U-Net's pooled vector ``{"cond": [B, 2D]}``,
+        or the DiT's tokens ``{"tokens": [B, T, D], "token_mask": [B, T]}``."""
         if isinstance(self.denoiser, TemporalUnet1d):
-            return self.denoiser(x_t, t, tokens[:, 0])
-        return self.denoiser(x_t, t, tokens[:, 0], context=tokens, context_mask=token_mask)
+            return {"cond": self.pooling(tokens, token_mask)}
+        return {"tokens": tokens, "token_mask": token_mask}
+
+    def _denoise(self, x_t: Tensor, t: Tensor, **condition: Tensor) -> Tensor:
+        """x_t [B, H, 3], t [B], the :meth:`_condition` of the scene -> prediction [B, H, 3]."""
+        if isinstance(self.denoiser, TemporalUnet1d):
+            return self.denoiser(x_t, t, condition["cond"])
+        tokens = condition["tokens"]
+        return self.denoiser(x_t, t, tokens[:, 0], context=tokens, context_mask=condition["token_mask"])
 
     def loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Denoising loss (``prediction`` space MSE) on the normalised expert plan."""
         obs, expert = self._split_batch(batch)
-        tokens, mask = self.encoder.encode(obs)
-        loss = self.diffusion_loss(self._denoise, self.normalizer.normalize(expert), tokens=tokens,
-                                   token_mask=mask)
+        condition = self._condition(*self.encoder.encode(obs))
+        loss = self.diffusion_loss(self._denoise, self.normalizer.normalize(expert), **condition)
         return {"loss": loss.mean()}
 
     def _plan(self, obs: Mapping[str, Tensor], generator: torch.Generator | None, n_modes: int | None = None
@@ -764,11 +805,12 @@ class VanillaDiffusionPolicy(DrivingPolicy):
             raise ValueError(f"n_modes must be >= 1, got {n_modes}")
         tokens, mask = self.encoder.encode(obs)
         batch_size = tokens.shape[0]
+        condition = self._condition(tokens, mask)
         if n_modes > 1:
-            tokens, mask = tokens.repeat_interleave(n_modes, 0), mask.repeat_interleave(n_modes, 0)
+            condition = {k: v.repeat_interleave(n_modes, 0) for k, v in condition.items()}
         x = self.schedule.prior_noise((batch_size * n_modes, self.config.horizon, POSE_DIM), generator=generator,
                                       device=tokens.device)
-        sample = self.sampler(lambda x_t, t: self._denoise(x_t, t.to(x_t.dtype), tokens, mask), x,
+        sample = self.sampler(lambda x_t, t: self._denoise(x_t, t.to(x_t.dtype), **condition), x,
                               generator=generator, validate=False)
         if self.config.clip_sample:
             sample = sample.clamp(-1.0, 1.0)
@@ -785,16 +827,16 @@ class RegressionPolicy(DrivingPolicy):
 
     algorithm = "regression"
     config_class = RegressionConfig
+    # the plan query lived on the policy itself before PlanQueryPooling was shared with the U-Net vanilla policy
+    renamed_parameters: ClassVar[dict[str, str]] = {"query": "pooling.query", "attn.": "pooling.attn.",
+                                                    "norm.": "pooling.norm."}
 
     def __init__(self, config: RegressionConfig | None = None) -> None:
         config = config or RegressionConfig()
         super().__init__(config)
-        width = config.d_model
-        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
-        self.attn = Attention(width, config.heads, dropout=config.dropout)
-        self.norm = nn.LayerNorm(width)
+        self.pooling = PlanQueryPooling(config.d_model, config.heads, config.dropout)
         layers: list[nn.Module] = []
-        in_dim = 2 * width
+        in_dim = self.pooling.out_dim
         for _ in range(config.head_layers):
             layers += [nn.Linear(in_dim, config.head_hidden), nn.ReLU()]
             in_dim = config.head_hidden
@@ -802,10 +844,7 @@ class RegressionPolicy(DrivingPolicy):
 
     def _predict(self, obs: Mapping[str, Tensor]) -> Tensor:
         """Validated observation tensors [B, ...] -> plans [B, H, 3] in metres / radians."""
-        tokens, mask = self.encoder.encode(obs)
-        query = self.query.expand(tokens.shape[0], -1, -1)
-        feature = self.norm(query + self.attn(query, tokens, key_mask=mask))[:, 0]
-        out = self.head(torch.cat([feature, tokens[:, 0]], dim=-1)).unflatten(-1, (self.config.horizon, POSE_DIM))
+        out = self.head(self.pooling(*self.encoder.encode(obs))).unflatten(-1, (self.config.horizon, POSE_DIM))
         return self.normalizer.denormalize(out)
 
     def loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
