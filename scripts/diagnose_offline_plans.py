@@ -8,7 +8,10 @@ units (the policy's own state normaliser):
   perfect planner conditioned on a higher return; compare planners with each other and with ``data``);
 - ``step_ratio``: RMS of the plan's consecutive-state differences over the same RMS of the data's windows
   (1 = steps as large as the data's; >> 1 = the plan jumps between states the dynamics cannot connect);
-- ``action_rms``: RMS (raw action units) of the inverse-dynamics action on (s_0, plan[1]) minus the logged one.
+- ``action_rms``: RMS (raw action units) of the inverse-dynamics action on (s_0, plan[1]) minus the logged one;
+- ``reconstruction_rms`` (diffusion planners): for each probe time t, the plan noised to t (the same noise for every
+  row) and denoised once by the planner's guided UNet: RMS of x0_hat - plan over plan[1:]. It measures how far the
+  diffusion model finds a plan from its data: compare a row with ``data`` (a per-decision t_mid could follow it).
 
 Variants: ``policy`` (the algorithm's decision plan), ``from-noise`` (a diffusion planner sampled from pure
 noise with its default solver and steps: the Decision Diffuser's plan, and what a Trajectory Diffuser's UNet
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from trajgen.data.d4rl import load_d4rl
+from trajgen.diffusion.predictions import convert
 from trajgen.policies.offline import (
     DiffusionPlanningPolicy,
     OfflinePolicy,
@@ -62,6 +66,26 @@ def plan_errors(policy: PlanningPolicy, plan: torch.Tensor, states: torch.Tensor
             "action_rms": float((acted - actions).pow(2).mean().sqrt())}
 
 
+PROBE_TIMES = (0.035, 0.055, 0.1, 0.2, 0.3)
+"""diffusion times of ``reconstruction_rms`` (0.055 is the Trajectory Diffuser's default t_mid)"""
+
+
+def reconstruction_rms(policy: DiffusionPlanningPolicy, plan: torch.Tensor, cond: torch.Tensor, seed: int
+                       ) -> dict[str, float]:
+    """plan [N, H, S], cond [N, 1] (normalised) -> {str(t): RMS of x0_hat(alpha_t plan + sigma_t eps) - plan over
+    plan[:, 1:]} for t in PROBE_TIMES; eps is drawn from ``seed``, so rows diagnosed with one seed share it."""
+    schedule, denoiser = policy.model.schedule, policy.denoiser()
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in PROBE_TIMES:
+        alpha, sigma = schedule.coefficients(t)
+        x_t = alpha * plan + sigma * torch.randn(plan.shape, generator=generator)
+        times = torch.full((len(plan),), t)
+        x0 = convert(denoiser(x_t, times, cond=cond), x_t, times, schedule, policy.config.prediction, "x0")
+        out[str(t)] = float((x0[:, 1:] - plan[:, 1:]).pow(2).mean().sqrt())
+    return out
+
+
 def planners(policy: PlanningPolicy, generator: torch.Generator) -> dict[str, Callable[..., torch.Tensor]]:
     """Variant name -> plan(states [N, S] normalised, cond [N, 1]) -> plan [N, H, S] normalised."""
     out: dict[str, Callable[..., torch.Tensor]] = {
@@ -74,7 +98,7 @@ def planners(policy: PlanningPolicy, generator: torch.Generator) -> dict[str, Ca
 
 
 def diagnose_cell(policy: OfflinePolicy, raw_states: np.ndarray, raw_actions: np.ndarray, seed: int
-                  ) -> dict[str, dict[str, float]]:
+                  ) -> dict[str, dict[str, Any]]:
     """Every variant's metrics (and the ``data`` reference) for one trained planner."""
     if not isinstance(policy, PlanningPolicy):
         raise TypeError(f"{policy.algorithm} does not plan states")
@@ -82,9 +106,14 @@ def diagnose_cell(policy: OfflinePolicy, raw_states: np.ndarray, raw_actions: np
         states = policy.model.normalize_states(torch.as_tensor(raw_states, dtype=torch.float32))
         actions = torch.as_tensor(raw_actions, dtype=torch.float32)
         cond = policy._condition(None, len(states))
-        rows = {"data": plan_errors(policy, states, states, actions)}
+        plans = {"data": states}
         for name, plan in planners(policy, torch.Generator().manual_seed(seed)).items():
-            rows[name] = plan_errors(policy, plan(states[:, 0], cond), states, actions)
+            plans[name] = plan(states[:, 0], cond)
+        rows: dict[str, dict[str, Any]] = {}
+        for name, plan in plans.items():
+            rows[name] = plan_errors(policy, plan, states, actions)
+            if isinstance(policy, DiffusionPlanningPolicy):
+                rows[name]["reconstruction_rms"] = reconstruction_rms(policy, plan, cond, seed)
     return rows
 
 
@@ -114,6 +143,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for algo, rows in result["algorithms"].items():
         for name, m in rows.items():
             print(f"| {algo} | {name} | {m['s1_rms']:.3f} | {m['step_ratio']:.2f} | {m['action_rms']:.3f} |")
+    print(f"\nreconstruction rms at t = {', '.join(map(str, PROBE_TIMES))}")
+    for algo, rows in result["algorithms"].items():
+        for name, m in rows.items():
+            if "reconstruction_rms" in m:
+                print(f"| {algo} | {name} | " + " | ".join(f"{v:.3f}" for v in m["reconstruction_rms"].values()) + " |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

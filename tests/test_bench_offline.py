@@ -298,6 +298,22 @@ def test_plan_diagnosis_of_the_quick_cells_against_the_logged_data(quick_run: di
         acted = policy.model.unnormalize_actions(policy.model.inverse_dynamics(torch.cat([norm[:, 0], norm[:, 1]], -1)))
     expected = float((acted - torch.as_tensor(actions)).pow(2).mean().sqrt())
     assert dt["data"] == pytest.approx({"s1_rms": 0.0, "step_ratio": 1.0, "action_rms": expected}, rel=1e-5, abs=1e-6)
+    # reconstruction: eps-prediction gives x0_hat - plan = -(sigma / alpha) (eps_hat - eps) exactly, so the RMS over
+    # plan[1:] is sigma / alpha times the noise-prediction error of the guided UNet on the same draw
+    td_policy = load_policy(out / "cells" / "hopper" / "quick" / "trajectory-diffuser" / "seed0" / "run")
+    assert td_policy.config.prediction == "eps" and "reconstruction_rms" not in dt["data"]
+    td = algos["trajectory-diffuser"]
+    assert set(td["data"]["reconstruction_rms"]) == {str(t) for t in script.PROBE_TIMES}
+    with torch.no_grad():
+        plan = td_policy.model.normalize_states(torch.as_tensor(states))
+        cond = td_policy._condition(None, len(plan))
+        generator = torch.Generator().manual_seed(0)
+        for t in script.PROBE_TIMES:
+            alpha, sigma = td_policy.model.schedule.coefficients(t)
+            eps = torch.randn(plan.shape, generator=generator)
+            eps_hat = td_policy.denoiser()(alpha * plan + sigma * eps, torch.full((len(plan),), t), cond=cond)
+            by_hand = float(sigma / alpha * (eps_hat - eps)[:, 1:].pow(2).mean().sqrt())
+            assert td["data"]["reconstruction_rms"][str(t)] == pytest.approx(by_hand, rel=1e-4)
 
 
 # ---------------------------------------------------------------- aggregation and targets on hand-built cells
