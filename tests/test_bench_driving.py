@@ -27,6 +27,7 @@ from trajgen.bench.driving import (
 from trajgen.bench.driving_speed import trajgen_throughput
 from trajgen.envs.driving.collect import split_of_seed
 from trajgen.policies.driving import DrivingSamples, RegressionPolicy
+from trajgen.training.checkpoint import CheckpointError
 
 
 def test_pooled_mean_and_se_equal_those_of_the_concatenation() -> None:
@@ -121,6 +122,25 @@ def test_rerun_reloads_instead_of_training(quick_demo: Path) -> None:
     policy, summary = train_policy("regression", config, dataset, dataset.arrays["trajectory"])
     assert summary == saved
     assert isinstance(policy, RegressionPolicy)
+
+
+def test_vanilla_unet_width_is_part_of_what_a_rerun_must_match(quick_demo: Path, tmp_path: Path) -> None:
+    """Weights of one U-Net width are reused for that width only: another width is not served the old weights (its
+    training then refuses the old width's checkpoints in that directory; use another --out-dir)."""
+    config = dataclasses.replace(DrivingBenchConfig.quick(str(tmp_path)), data=str(quick_demo / "data.h5"),
+                                 unet_base_dim=8)
+    train_seeds, _ = split_seeds(Path(config.data))
+    dataset = DrivingSamples(config.data, seeds=train_seeds)
+    plans = dataset.arrays["trajectory"]
+    policy, first = train_policy("vanilla-unet", config, dataset, plans)
+    assert policy.config.denoiser == "unet" and policy.config.unet_base_dim == 8
+    assert train_policy("vanilla-unet", config, dataset, plans)[1] == first  # reloaded
+    wider = dataclasses.replace(config, unet_base_dim=16)
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        train_policy("vanilla-unet", wider, dataset, plans)
+    policy, second = train_policy("vanilla-unet", dataclasses.replace(wider, out_dir=str(tmp_path / "w16")), dataset,
+                                  plans)
+    assert policy.config.unet_base_dim == 16 and second["settings"]["unet_base_dim"] == 16
 
 
 def test_latency_can_be_remeasured_on_a_finished_run(quick_demo: Path) -> None:

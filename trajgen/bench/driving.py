@@ -89,6 +89,9 @@ class DrivingBenchConfig:
     warmup_steps: int = 300
     d_model: int = 64
     """scene-encoder and decoder width (all policies; 64 keeps a 2-core CPU run near an hour)."""
+    unet_base_dim: int = 16
+    """first-level channels of the vanilla-unet denoiser (16: about the DiT's parameter count; d_model: the same
+    width rule as the DiT's, 7.4M parameters at 64)."""
     open_loop_rows: int = 4000
     """held-out logged ticks scored open-loop (all of them if fewer)."""
     diversity_rows: int = 256
@@ -197,7 +200,8 @@ def build_policy(name: str, config: DrivingBenchConfig, train_plans: np.ndarray,
     if name == "vanilla":
         return VanillaDiffusionPolicy(VanillaDiffusionConfig(**shared, denoiser_width=config.d_model))
     if name == "vanilla-unet":
-        return VanillaDiffusionPolicy(VanillaDiffusionConfig(**shared, denoiser="unet"))
+        return VanillaDiffusionPolicy(VanillaDiffusionConfig(**shared, denoiser="unet",
+                                                             unet_base_dim=config.unet_base_dim))
     if name == "regression":
         return RegressionPolicy(RegressionConfig(**shared, head_hidden=2 * config.d_model))
     raise ValueError(f"policy must be one of {KNOWN_POLICIES}, got {name!r}")
@@ -227,6 +231,8 @@ def train_policy(name: str, config: DrivingBenchConfig, dataset: DrivingSamples,
     summary_file = out_dir / "train_summary.json"
     settings = {"train_steps": config.train_steps, "batch_size": config.batch_size, "lr": config.lr,
                 "d_model": config.d_model, "seed": seed, "rows": len(dataset)}
+    if name == "vanilla-unet":  # weights of another U-Net width must not be reused
+        settings["unet_base_dim"] = config.unet_base_dim
     if summary_file.exists() and (out_dir / "policy.safetensors").exists():
         saved = json.loads(summary_file.read_text())
         if saved.get("settings") == settings:
