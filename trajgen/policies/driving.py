@@ -747,8 +747,7 @@ class PlanQueryPooling(nn.Module):
 class VanillaDiffusionPolicy(DrivingPolicy):
     """A denoiser over the normalised plan [B, H, 3] (``config.denoiser``: a DiT-1d conditioned on the ego token by
     adaLN and cross-attending to all scene tokens, or a temporal U-Net with FiLM on :class:`PlanQueryPooling`'s
-    vector); trained with
-    DiffusionLoss over the full range, sampled from pure noise."""
+    vector); trained with DiffusionLoss over the full range, sampled from pure noise."""
 
     algorithm = "vanilla-diffusion"
     config_class = VanillaDiffusionConfig
