@@ -15,10 +15,11 @@ OUT_DIR/bench_offline.json and OUT_DIR/bench_offline.md (table + targets) and pr
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from trajgen.bench.offline import (
     ALGORITHM_ORDER,
@@ -43,18 +44,15 @@ def parse_datasets(pairs: list[str]) -> dict[tuple[str, str], str]:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
-    """``["trajectory-diffuser.t_mid=0.2", ...]`` -> {algo: {field: value}} (values as Python literals)."""
+    """``["trajectory-diffuser.t_mid=0.2", ...]`` -> {algo: {field: value}}; values are YAML scalars or lists
+    (``true``, ``0.2``, ``[1, 2, 4]``), as ``trajgen train offline --set`` reads them."""
     out: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         algo, dot, name = key.partition(".")
         if not (sep and dot and algo and name):
             raise SystemExit(f"--set expects ALGO.FIELD=VALUE, got {pair!r}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        out.setdefault(algo, {})[name] = value
+        out.setdefault(algo, {})[name] = yaml.safe_load(text)
     return out
 
 

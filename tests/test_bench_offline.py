@@ -243,8 +243,10 @@ def test_script_reruns_the_quick_benchmark_and_prints_the_table(quick_run: dict[
     assert "trajectory-diffuser" in printed.replace("…", "") or "trajectory-di" in printed
     assert "[met]" in printed or "[NOT met]" in printed
     assert script.parse_datasets(["hopper:medium=a.hdf5"]) == {("hopper", "medium"): "a.hdf5"}
-    assert script.parse_overrides(["trajectory-diffuser.t_mid=0.2", "decision-diffuser.solver=ddim"]) == {
-        "trajectory-diffuser": {"t_mid": 0.2}, "decision-diffuser": {"solver": "ddim"}}
+    assert script.parse_overrides(["trajectory-diffuser.t_mid=0.2", "decision-diffuser.solver=ddim",
+                                   "trajectory-diffuser.use_draft=false", "decision-diffuser.unet_dim_mults=[1, 2]"]) == {
+        "trajectory-diffuser": {"t_mid": 0.2, "use_draft": False},
+        "decision-diffuser": {"solver": "ddim", "unet_dim_mults": [1, 2]}}
     with pytest.raises(SystemExit):
         script.parse_datasets(["hopper=a.hdf5"])
 

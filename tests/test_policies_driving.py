@@ -428,6 +428,17 @@ def test_unet_vanilla_is_conditioned_on_the_pooled_scene_and_round_trips(tmp_pat
         VanillaDiffusionConfig(**SMALL, denoiser="transformer")
 
 
+@pytest.mark.parametrize(("config_class", "field", "value", "expected"), [
+    (AnchoredDiffusionConfig, "n_anchors", 20.0, "must be an int"),
+    (AnchoredDiffusionConfig, "d_model", "64", "must be an int"),
+    (VanillaDiffusionConfig, "clip_sample", "false", "must be a bool"),
+    (VanillaDiffusionConfig, "position_scale", None, "must be a number"),
+])
+def test_config_refuses_values_of_another_type(config_class: type, field: str, value: object, expected: str) -> None:
+    with pytest.raises(ValueError, match=f"{config_class.__name__}.{field} {expected}"):
+        config_class(**{**SMALL, field: value})
+
+
 def test_regression_checkpoint_with_the_old_parameter_names_loads(tmp_path) -> None:
     torch.manual_seed(0)
     policy = RegressionPolicy(RegressionConfig(**SMALL))

@@ -209,6 +209,23 @@ def test_config_errors() -> None:
         TrajectoryDiffuserConfig(horizon=1)
 
 
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("use_draft", "false", "must be a bool"),      # a str would read as True
+    ("t_mid", "0.1", "must be a number"),
+    ("horizon", 16.0, "must be an int"),
+    ("sample_steps", True, "must be an int"),
+    ("solver", 3, "must be a string"),
+])
+def test_config_refuses_values_of_another_type(field: str, value: object, expected: str) -> None:
+    with pytest.raises(ValueError, match=f"TrajectoryDiffuserConfig.{field} {expected}"):
+        make_config("trajectory-diffuser", **{field: value})
+
+
+def test_config_accepts_an_int_for_a_float_and_none_where_optional() -> None:
+    config = make_config("trajectory-diffuser", t_mid=0, target_return=None, guidance_scale=2)
+    assert config.t_mid == 0 and config.target_return is None
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 

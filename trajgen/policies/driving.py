@@ -39,6 +39,7 @@ from trajgen.nets.dit1d import DiT1d, modulate
 from trajgen.nets.embeddings import TimeEmbedding
 from trajgen.nets.layers import Attention
 from trajgen.nets.unet1d import TemporalUnet1d
+from trajgen.policies._config import check_scalar_fields
 from trajgen.policies.anchors import TrajectoryNormalizer, nearest_anchor
 from trajgen.policies.scene_encoder import ObservationSpec, SceneEncoder, validate_observation
 from trajgen.solvers import Sampler
@@ -90,10 +91,7 @@ class DrivingPolicyConfig:
     def __post_init__(self) -> None:
         self.norm_low = tuple(float(v) for v in self.norm_low)  # type: ignore[assignment]
         self.norm_high = tuple(float(v) for v in self.norm_high)  # type: ignore[assignment]
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise ValueError(f"{type(self).__name__}.{f.name} must be a number, got {value!r}")
+        check_scalar_fields(self)
         positive = ["n_agents", "agent_features", "n_lanes", "ego_features", "n_commands", "horizon", "d_model",
                     "heads", "position_scale", "speed_scale"]
         for name in positive:

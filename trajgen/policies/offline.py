@@ -42,6 +42,7 @@ from trajgen.data.d4rl import D4RLDataset, GaussianNormalizer, SequenceDataset, 
 from trajgen.diffusion import SCHEDULES, DiffusionLoss, Schedule, make_schedule
 from trajgen.guidance import ClassifierFreeGuidance, Inpainting, condition_on_first_state
 from trajgen.nets import CausalGPT, ResidualMLP, TemporalUnet1d
+from trajgen.policies._config import check_scalar_fields
 from trajgen.solvers import Sampler, get_solver
 from trajgen.training import Trainer, TrainerConfig, seed_everything
 from trajgen.training.checkpoint import atomic_write_bytes
@@ -79,6 +80,7 @@ class OfflineConfig:
     """trainer checkpoint period in updates (resume granularity)"""
 
     def __post_init__(self) -> None:
+        check_scalar_fields(self)
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _require(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
