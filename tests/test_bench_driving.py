@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import trajgen.bench.driving as bench_driving
 from trajgen.bench.driving import (
     DrivingBenchConfig,
     _pool,
@@ -26,8 +27,7 @@ from trajgen.bench.driving import (
 )
 from trajgen.bench.driving_speed import trajgen_throughput
 from trajgen.envs.driving.collect import split_of_seed
-from trajgen.policies.driving import DrivingSamples, RegressionPolicy
-from trajgen.training.checkpoint import CheckpointError
+from trajgen.policies.driving import AnchoredDiffusionPolicy, DrivingSamples, RegressionPolicy
 
 
 def test_pooled_mean_and_se_equal_those_of_the_concatenation() -> None:
@@ -136,11 +136,25 @@ def test_vanilla_unet_width_is_part_of_what_a_rerun_must_match(quick_demo: Path,
     assert policy.config.denoiser == "unet" and policy.config.unet_base_dim == 8
     assert train_policy("vanilla-unet", config, dataset, plans)[1] == first  # reloaded
     wider = dataclasses.replace(config, unet_base_dim=16)
-    with pytest.raises(CheckpointError, match="does not match the model"):
+    with pytest.raises(ValueError, match="built differently.*unet_base_dim: 8 vs 16"):
         train_policy("vanilla-unet", wider, dataset, plans)
-    policy, second = train_policy("vanilla-unet", dataclasses.replace(wider, out_dir=str(tmp_path / "w16")), dataset,
-                                  plans)
-    assert policy.config.unet_base_dim == 16 and second["settings"]["unet_base_dim"] == 16
+    policy, _ = train_policy("vanilla-unet", dataclasses.replace(wider, out_dir=str(tmp_path / "w16")), dataset, plans)
+    assert policy.config.unet_base_dim == 16
+
+
+def test_a_rerun_with_other_anchors_is_refused_not_served_old_weights(quick_demo: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings and config match, the anchors do not (as from k-means over another training set): refused."""
+    config = DrivingBenchConfig.quick(str(quick_demo))
+    path = ensure_data(config)
+    train_seeds, _ = split_seeds(path)
+    dataset = DrivingSamples(path, seeds=train_seeds)
+    plans = dataset.arrays["trajectory"]
+    assert isinstance(train_policy("anchored", config, dataset, plans)[0], AnchoredDiffusionPolicy)  # reloaded
+    kmeans = bench_driving.kmeans_anchors
+    monkeypatch.setattr(bench_driving, "kmeans_anchors", lambda *a, **kw: kmeans(*a, **kw) + 0.5)
+    with pytest.raises(ValueError, match=r"built differently.*: anchors"):
+        train_policy("anchored", config, dataset, plans)
 
 
 def test_latency_can_be_remeasured_on_a_finished_run(quick_demo: Path) -> None:

@@ -221,30 +221,52 @@ def run_dir(config: DrivingBenchConfig, name: str, seed: int) -> Path:
 def train_policy(name: str, config: DrivingBenchConfig, dataset: DrivingSamples,
                  train_plans: np.ndarray, seed: int | None = None) -> tuple[DrivingPolicy, dict[str, Any]]:
     """Train (or resume, or reload) one policy with training seed ``seed`` (default: the first of
-    ``config.seeds_for_training``); returns it with its training summary."""
+    ``config.seeds_for_training``); returns it with its training summary.
+
+    Saved weights are reloaded when both the budget settings and the policy as built (class, config, anchors)
+    match; a directory holding a policy built differently raises ValueError instead of being reused or resumed."""
     seed = _training_seed(config, seed)
     out_dir = run_dir(config, name, seed)
     trainer = TrainerConfig(steps=config.train_steps, batch_size=config.batch_size, lr=config.lr,
                             warmup_steps=config.warmup_steps, out_dir=str(out_dir), seed=seed,
                             device=config.device, progress=config.progress, tensorboard=False,
                             checkpoint_every=max(1, min(1000, config.train_steps)), log_every=100)
-    summary_file = out_dir / "train_summary.json"
+    summary_file, policy_file = out_dir / "train_summary.json", out_dir / "policy.safetensors"
     settings = {"train_steps": config.train_steps, "batch_size": config.batch_size, "lr": config.lr,
                 "d_model": config.d_model, "seed": seed, "rows": len(dataset)}
-    if name == "vanilla-unet":  # weights of another U-Net width must not be reused
-        settings["unet_base_dim"] = config.unet_base_dim
-    if summary_file.exists() and (out_dir / "policy.safetensors").exists():
-        saved = json.loads(summary_file.read_text())
-        if saved.get("settings") == settings:
-            return DrivingPolicy.load(out_dir / "policy.safetensors", map_location=_device(config)), saved
     torch.manual_seed(seed)  # the initial weights depend on the seed only, not on the policies built before
     policy = build_policy(name, config, train_plans, seed)
+    if policy_file.exists():
+        saved_policy = DrivingPolicy.load(policy_file, map_location=_device(config))
+        _require_same_policy(saved_policy, policy, out_dir)
+        saved = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        # summaries of older versions may hold settings this version no longer keys on
+        if {k: saved.get("settings", {}).get(k) for k in settings} == settings:
+            return saved_policy, saved
     start = time.perf_counter()
     trained, summary = train_driving_policy(policy, dataset, trainer, resume=True)
     summary = {"settings": settings, "wall_s": time.perf_counter() - start,
                **{k: v for k, v in summary.items() if isinstance(v, int | float | str)}}
     _write_json(summary_file, summary)
     return trained, summary
+
+
+def _require_same_policy(saved: DrivingPolicy, built: DrivingPolicy, out_dir: Path) -> None:
+    """Refuse a run directory whose policy was built differently (class, config fields or anchors) from the one
+    this run builds: its weights or checkpoints must be neither reused nor resumed."""
+    if type(saved) is not type(built):
+        differences = [f"class {type(saved).__name__} vs {type(built).__name__}"]
+    else:
+        saved_fields, built_fields = saved.config.to_dict(), built.config.to_dict()
+        differences = [f"{k}: {saved_fields.get(k)!r} vs {v!r}" for k, v in built_fields.items()
+                       if saved_fields.get(k) != v]
+        # k-means centroids may differ by float round-off between BLAS thread counts, never by metres
+        if isinstance(built, AnchoredDiffusionPolicy) and not torch.allclose(
+                saved.anchors.cpu(), built.anchors.cpu(), atol=1e-3):
+            differences.append("anchors (another training set or k-means seed)")
+    if differences:
+        raise ValueError(f"{out_dir} holds a policy built differently from this run's (saved vs this run: "
+                         f"{'; '.join(differences)}); use another --out-dir, or delete that directory to retrain")
 
 
 def _device(config: DrivingBenchConfig) -> torch.device:
