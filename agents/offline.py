@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from trajgen.data.d4rl import D4RL_REF_SCORES, d4rl_normalized_score
-from trajgen.policies.offline import OfflinePolicy
+from trajgen.policies.offline import OfflinePolicy, StateHistory
 
 
 class OfflineAgent:
@@ -34,8 +34,12 @@ class OfflineAgent:
         self.policy = policy
         self.generator = torch.Generator(policy.device).manual_seed(seed) if seed is not None else None
 
-    def act(self, obs: np.ndarray, returns_to_go: np.ndarray | None = None) -> np.ndarray:
-        """obs [B, S], returns_to_go [B] | None (None: the policy's target return) -> actions [B, A] float64."""
+    def act(self, obs: np.ndarray, returns_to_go: np.ndarray | None = None, *,
+            history: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """obs [B, S], returns_to_go [B] | None (None: the policy's target return) -> actions [B, A] float64.
+
+        ``history``: the episode's earlier (states [B, K, S], returns-to-go [B, K]), oldest first, for policies
+        whose GPT drafts from it (``policy.history_length`` > 0); ``evaluate`` keeps it."""
         obs = np.asarray(obs)
         dim = self.policy.obs_dim
         if obs.ndim != 2 or obs.shape[1] != dim or obs.shape[0] == 0:
@@ -45,10 +49,12 @@ class OfflineAgent:
             raise ValueError("obs must be finite numbers (got NaN, inf or a non-numeric dtype)")
         device = self.policy.device
         rtg = None if returns_to_go is None else torch.as_tensor(np.asarray(returns_to_go, np.float32), device=device)
+        past = None if history is None else StateHistory(
+            *(torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device) for x in history))
         self.policy.model.eval()
         with torch.no_grad():
             obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-            actions = self.policy.act(obs_t, rtg, generator=self.generator)
+            actions = self.policy.act(obs_t, rtg, history=past, generator=self.generator)
         return actions.cpu().numpy().astype(np.float64)
 
 
@@ -113,11 +119,13 @@ def _run_round(agent: OfflineAgent, env_id: str, seeds: list[int], max_episode_s
         active = np.ones(n, dtype=bool)
         ep_return, ep_length = np.zeros(n), np.zeros(n, dtype=int)
         rtg = np.full(n, target, dtype=np.float64)
+        history = EpisodeHistory(n, agent.policy.obs_dim, agent.policy.history_length)
         calls = 0
         while active.any():
             actions = np.zeros((n, *envs.single_action_space.shape))
-            actions[active] = np.clip(agent.act(obs[active], rtg[active]), low, high)
+            actions[active] = np.clip(agent.act(obs[active], rtg[active], history=history.of(active)), low, high)
             calls += 1
+            history.push(obs, rtg)
             obs, rewards, terminated, truncated, _ = envs.step(actions)
             ep_return[active] += rewards[active]
             ep_length[active] += 1
@@ -126,6 +134,30 @@ def _run_round(agent: OfflineAgent, env_id: str, seeds: list[int], max_episode_s
         return ep_return.tolist(), ep_length.tolist(), calls
     finally:
         envs.close()
+
+
+class EpisodeHistory:
+    """The last ``length`` (state, return-to-go) steps of ``n`` episodes that started together (no autoreset).
+
+    ``of(rows)`` -> (states [R, K, S], returns-to-go [R, K]) with K = min(steps so far, length), or None when
+    ``length`` is 0; ``push(states [n, S], returns_to_go [n])`` appends one step of every episode.
+    """
+
+    def __init__(self, n: int, obs_dim: int, length: int) -> None:
+        self.length = length
+        self.states = np.zeros((n, 0, obs_dim))
+        self.returns_to_go = np.zeros((n, 0))
+
+    def of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.length == 0:
+            return None
+        return self.states[rows], self.returns_to_go[rows]
+
+    def push(self, states: np.ndarray, returns_to_go: np.ndarray) -> None:
+        if self.length == 0:
+            return
+        self.states = np.concatenate([self.states, states[:, None]], axis=1)[:, -self.length:]
+        self.returns_to_go = np.concatenate([self.returns_to_go, returns_to_go[:, None]], axis=1)[:, -self.length:]
 
 
 def _check_env_match(policy: OfflinePolicy, env_id: str) -> None:
@@ -167,19 +199,23 @@ def decision_latency(policy: OfflinePolicy, obs_dim: int, n: int = 100, *, warmu
     (``times_ms`` holds every timed call, so runs can be pooled).
 
     Times ``n`` calls of :meth:`OfflineAgent.act` on random observations [1, obs_dim] (after ``warmup``
-    untimed calls), synchronising CUDA around each call when the policy runs there.
+    untimed calls), with a full random history when the policy reads one (``history_length``), synchronising
+    CUDA around each call when the policy runs there.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     agent = OfflineAgent(policy, seed=seed)
-    obs = np.random.default_rng(seed).standard_normal((n + warmup, 1, obs_dim))
+    rng = np.random.default_rng(seed)
+    obs = rng.standard_normal((n + warmup, 1, obs_dim))
+    k = policy.history_length
+    history = (rng.standard_normal((1, k, obs_dim)), np.full((1, k), policy.default_return)) if k else None
     cuda = policy.device.type == "cuda"
     times = []
     for i in range(n + warmup):
         if cuda:
             torch.cuda.synchronize(policy.device)
         t0 = time.perf_counter()
-        agent.act(obs[i])
+        agent.act(obs[i], history=history)
         if cuda:
             torch.cuda.synchronize(policy.device)
         if i >= warmup:

@@ -14,6 +14,7 @@ from trajgen.policies.offline import (
     ALGORITHMS,
     BehaviorCloningConfig,
     DecisionDiffuserConfig,
+    StateHistory,
     TrajectoryDiffuserConfig,
     build_policy,
     load_policy,
@@ -350,3 +351,96 @@ def test_evaluate_diffusion_planner_and_env_mismatch() -> None:
         evaluate(policy, "Walker2d-v5", n_episodes=1)
     latency = decision_latency(policy, 11, n=5, warmup=1)
     assert 0 < latency["median_ms"] <= latency["p99_ms"] and latency["nfe"] == policy.nfe
+
+
+# ------------------------------------------------------------------------------------------------ draft history
+
+
+def _manual_draft(policy, prefix: torch.Tensor, steps: int, cond: torch.Tensor) -> torch.Tensor:
+    """Reference rollout: rerun the GPT on the last max_len steps and append its last output, step by step."""
+    gpt, seq = policy.model.gpt, prefix
+    for _ in range(steps):
+        seq = torch.cat([seq, gpt(seq[:, -gpt.max_len:], cond)[:, -1:]], dim=1)
+    return seq
+
+
+def test_draft_reads_the_history_and_conditions_on_its_first_step() -> None:
+    """With ``draft_history`` = K the draft is the GPT's rollout after the last K history states (window sliding once
+    it outgrows the GPT), conditioned on the return-to-go held at the first of them, and starts at the current state."""
+    K, B, H = 3, 2, TINY["horizon"]
+    policy = tiny("trajectory-diffuser", draft_history=K, t_mid=0.0)        # t_mid 0: the plan is the draft
+    gen = torch.Generator().manual_seed(0)
+    obs, past = torch.randn(B, S, generator=gen), torch.randn(B, 5, S, generator=gen)
+    past_rtg = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0], [4.0, 3.0, 2.0, 1.0, 0.5]])
+    plan = policy.plan(obs, torch.tensor([4.0, 0.2]), history=StateHistory(past, past_rtg))
+    model = policy.model
+    prefix = model.normalize_states(torch.cat([past[:, -K:], obs[:, None]], dim=1))
+    with torch.no_grad():
+        expected = _manual_draft(policy, prefix, H - 1, past_rtg[:, -K:-K + 1] / policy.config.return_scale)[:, K:]
+    torch.testing.assert_close(plan[:, 1:], model.unnormalize_states(expected)[:, 1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(plan[:, 0], obs)
+    assert not torch.allclose(plan, policy.plan(obs, torch.tensor([4.0, 0.2])), atol=1e-3)   # the history mattered
+
+
+def test_decision_transformer_acts_on_the_gpt_prediction_after_the_history() -> None:
+    policy = tiny("decision-transformer", draft_history=2)
+    gen = torch.Generator().manual_seed(1)
+    obs, past, past_rtg = torch.randn(3, S, generator=gen), torch.randn(3, 4, S, generator=gen), torch.rand(3, 4)
+    actions = policy.act(obs, torch.ones(3), history=StateHistory(past, past_rtg))
+    model = policy.model
+    with torch.no_grad():
+        prefix = model.normalize_states(torch.cat([past[:, -2:], obs[:, None]], dim=1))
+        s1 = model.gpt(prefix, past_rtg[:, -2:-1] / policy.config.return_scale)[:, -1]
+        pair = torch.cat([prefix[:, -1], s1], dim=-1)
+        expected = model.unnormalize_actions(model.inverse_dynamics(pair))
+    torch.testing.assert_close(actions, expected, rtol=0, atol=1e-6)
+
+
+def test_history_is_ignored_without_draft_history_and_by_policies_without_a_gpt() -> None:
+    gen = torch.Generator().manual_seed(2)
+    obs, history = torch.randn(2, S, generator=gen), StateHistory(torch.randn(2, 3, S, generator=gen), torch.ones(2, 3))
+    for policy in (tiny("decision-transformer"), tiny("behavior-cloning"), tiny("decision-diffuser", sample_steps=2)):
+        assert policy.history_length == 0
+        a = policy.act(obs, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(policy.act(obs, history=history, generator=torch.Generator().manual_seed(0)), a,
+                                   rtol=0, atol=0)
+
+
+def test_bad_history_and_draft_history_raise() -> None:
+    policy = tiny("trajectory-diffuser", draft_history=2)
+    obs = torch.zeros(2, S)
+    with pytest.raises(ValueError, match=r"history.states must be a tensor \[B, K, S\]"):
+        policy.act(obs, history=StateHistory(torch.zeros(3, 2, S), torch.zeros(3, 2)))
+    with pytest.raises(ValueError, match=r"history.returns_to_go must be a tensor \[B, K\]"):
+        policy.act(obs, history=StateHistory(torch.zeros(2, 2, S), torch.zeros(2)))
+    with pytest.raises(ValueError, match="draft_history must be in"):
+        make_config("trajectory-diffuser", horizon=8, draft_history=8)
+    assert "draft_history" in TrajectoryDiffuserConfig.inference_fields
+
+
+def test_evaluate_hands_the_policy_the_episode_history() -> None:
+    """At decision t the policy sees the last min(t, K) observations and the conditions it held at them."""
+    torch.manual_seed(0)
+    config = make_config("decision-transformer", draft_history=3, **{
+        k: v for k, v in TINY.items() if k.startswith("gpt") or k in ("horizon", "invdyn_hidden", "invdyn_depth")})
+    policy = build_policy(config, 11, 3, env_id="Hopper-v5")
+    calls: list[tuple[np.ndarray, np.ndarray, StateHistory | None]] = []
+    act = policy.act
+
+    def spy(obs, returns_to_go=None, *, history=None, **kwargs):
+        rtg = None if returns_to_go is None else returns_to_go.numpy().copy()
+        calls.append((obs.numpy().copy(), rtg, history))
+        return act(obs, returns_to_go, history=history, **kwargs)
+
+    policy.act = spy
+    result = evaluate(policy, "Hopper-v5", n_episodes=2, seed=0, max_episode_steps=6)
+    assert len(calls) == max(result["lengths"]) == 6
+    for t, (_, _, history) in enumerate(calls):
+        k = min(t, 3)
+        assert tuple(history.states.shape) == (2, k, 11) and tuple(history.returns_to_go.shape) == (2, k)
+        for j in range(k):   # history step j is the decision made t - k + j steps ago
+            obs, rtg, _ = calls[t - k + j]
+            np.testing.assert_allclose(history.states[:, j].numpy(), obs, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(history.returns_to_go[:, j].numpy(), rtg, rtol=1e-6)
+    latency = decision_latency(policy, 11, n=3, warmup=1)
+    assert latency["median_ms"] > 0 and calls[-1][2].states.shape[1] == 3   # timed with a full history

@@ -42,7 +42,15 @@ from trajgen.agents.offline import decision_latency, evaluate
 from trajgen.bench.solvers import machine_info
 from trajgen.envs.mujoco import ENV_IDS, collect_mujoco, env_name, load_mujoco_dataset, normalized_score
 from trajgen.envs.mujoco.collect import LEVELS
-from trajgen.policies.offline import ALGORITHMS, POLICY_FILE, OfflinePolicy, load_policy, make_config, train_offline
+from trajgen.policies.offline import (
+    ALGORITHMS,
+    POLICY_FILE,
+    OfflinePolicy,
+    StateHistory,
+    load_policy,
+    make_config,
+    train_offline,
+)
 
 ALGORITHM_ORDER = ("trajectory-diffuser", "decision-diffuser", "decision-transformer", "behavior-cloning")
 SHORT_NAMES = {"trajectory-diffuser": "TD", "decision-diffuser": "DD", "decision-transformer": "DT",
@@ -350,15 +358,18 @@ def cuda_graph_latency(policy: OfflinePolicy, calls: int, warmup: int = 5) -> di
     policy.model.eval()
     rng = np.random.default_rng(0)
     static_obs = torch.zeros(1, policy.obs_dim, device=device)
+    k = policy.history_length  # a full history of the policy's length, as decision_latency times
+    history = StateHistory(torch.zeros(1, k, policy.obs_dim, device=device),
+                           torch.full((1, k), policy.default_return, device=device)) if k else None
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.no_grad(), torch.cuda.stream(side):
         for _ in range(3):
-            policy.act(static_obs, validate=False)  # no host sync: checked after the replays
+            policy.act(static_obs, history=history, validate=False)  # no host sync: checked after the replays
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):
-        static_action = policy.act(static_obs, validate=False)
+        static_action = policy.act(static_obs, history=history, validate=False)
     times = []
     for i in range(calls + warmup):
         obs = rng.standard_normal((1, policy.obs_dim))

@@ -9,6 +9,9 @@ Four algorithms share one set of networks (:class:`OfflineModel`), one training 
 | ``decision-transformer`` | CausalGPT + inverse dynamics | the GPT's one-step draft s_1, a = f(s_0, s_1) (no action head) |
 | ``behavior-cloning`` | residual MLP | a = pi(s_0) |
 
+The GPT drafts from the current state alone, or (``draft_history`` > 0, as the reference code) after reading
+the episode's last ``draft_history`` states, which ``trajgen.agents.offline`` keeps per env.
+
 Plans are state trajectories ``[B, H, S]`` in normalised units whose first state is the current state,
 pinned by inpainting during sampling. Both diffusion planners use classifier-free guidance on the
 return-to-go, ``cond = R / return_scale`` ``[B, 1]``. The receding-horizon loop (act on the first action,
@@ -142,6 +145,7 @@ class DecisionTransformerConfig(SequenceConfig):
     """Decision Transformer-style: the causal GPT's draft of s_1 plus inverse dynamics (no action head)."""
 
     algorithm: ClassVar[str] = "decision-transformer"
+    inference_fields: ClassVar[frozenset[str]] = SequenceConfig.inference_fields | {"draft_history"}
     gpt_width: int = 128
     """GPT token width"""
     gpt_depth: int = 3
@@ -150,6 +154,14 @@ class DecisionTransformerConfig(SequenceConfig):
     """GPT attention heads"""
     gpt_dropout: float = 0.1
     """GPT dropout (training only)"""
+    draft_history: int = 0
+    """past states of the episode (before the current one) the GPT's draft starts from, as a Decision Transformer's
+    context; the reference code uses horizon - 1. 0: the current state alone. At most horizon - 1"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(0 <= self.draft_history <= self.horizon - 1,
+                 f"draft_history must be in [0, horizon - 1] = [0, {self.horizon - 1}], got {self.draft_history}")
 
 
 @dataclass
@@ -193,7 +205,8 @@ class TrajectoryDiffuserConfig(DecisionDiffuserConfig, DecisionTransformerConfig
     """Trajectory Diffuser: the GPT drafts the plan, diffusion refines it from ``t_mid`` in a few steps."""
 
     algorithm: ClassVar[str] = "trajectory-diffuser"
-    inference_fields: ClassVar[frozenset[str]] = DecisionDiffuserConfig.inference_fields | {"t_mid", "use_draft"}
+    inference_fields: ClassVar[frozenset[str]] = (DecisionDiffuserConfig.inference_fields
+                                                  | DecisionTransformerConfig.inference_fields | {"t_mid", "use_draft"})
     use_draft: bool = True
     """refine the GPT's draft (False: sample from pure noise with ``sample_steps`` steps, an ablation)"""
     t_mid: float = 0.055
@@ -345,6 +358,16 @@ class OfflineModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StateHistory:
+    """The steps of the episode before the current decision, oldest first: ``states`` [B, K, S] and the
+    return-to-go condition held at each of them, ``returns_to_go`` [B, K] (raw units in :meth:`OfflinePolicy.act`).
+    K may be 0 (the episode's first decision)."""
+
+    states: Tensor
+    returns_to_go: Tensor
+
+
 class OfflinePolicy:
     """A trained :class:`OfflineModel` that decides: ``act(obs [B, S], returns_to_go [B]) -> [B, A]`` (raw units).
 
@@ -385,6 +408,11 @@ class OfflinePolicy:
         """Return-to-go conditioned on at the first step of an episode."""
         return float(self.model.target_return)
 
+    @property
+    def history_length(self) -> int:
+        """Past steps :meth:`act` uses from its ``history`` (the config's ``draft_history``; 0 without a GPT)."""
+        return int(getattr(self.config, "draft_history", 0))
+
     def next_returns_to_go(self, returns_to_go: Tensor | np.ndarray, rewards: Tensor | np.ndarray,
                            target_return: float) -> Any:
         """Remaining return after collecting ``rewards``: R - r, floored at min_return_fraction * ``target_return``
@@ -395,22 +423,44 @@ class OfflinePolicy:
             return remaining.clamp_min(floor)
         return np.maximum(remaining, floor)
 
-    def act(self, obs: Tensor, returns_to_go: Tensor | None = None, *,
+    def act(self, obs: Tensor, returns_to_go: Tensor | None = None, *, history: StateHistory | None = None,
             generator: torch.Generator | None = None, validate: bool = True) -> Tensor:
         """obs [B, S] raw, returns_to_go [B] raw (None: ``default_return``) -> actions [B, A] raw.
 
-        ``validate=False`` skips the samplers' finiteness checks (host syncs): with it and ``returns_to_go``
-        None, ``act`` on device tensors has no host sync and no host tensor, so a CUDA graph can capture it
-        (check the actions yourself after the replay)."""
+        ``history``: the episode's earlier states and conditions (raw); the GPT's draft starts from the last
+        ``history_length`` of them (other policies ignore it). ``validate=False`` skips the samplers' finiteness
+        checks (host syncs): with it and ``returns_to_go`` None, ``act`` on device tensors has no host sync and no
+        host tensor, so a CUDA graph can capture it (check the actions yourself after the replay)."""
         obs = self._check_obs(obs)
         with torch.no_grad():
             states = self.model.normalize_states(obs)
             cond = self._condition(returns_to_go, obs.shape[0])
-            return self.model.unnormalize_actions(self._act_normalized(states, cond, generator, validate))
+            past = self._normalized_history(history, obs.shape[0])
+            return self.model.unnormalize_actions(self._act_normalized(states, cond, generator, validate, past))
 
     def _act_normalized(self, states: Tensor, cond: Tensor, generator: torch.Generator | None,
-                        validate: bool = True) -> Tensor:
+                        validate: bool = True, history: StateHistory | None = None) -> Tensor:
         raise NotImplementedError
+
+    def _normalized_history(self, history: StateHistory | None, batch: int) -> StateHistory | None:
+        """The last ``history_length`` steps of ``history`` as (normalised states, conditions R / return_scale);
+        None when there is nothing to use."""
+        if history is None:
+            return None
+        states, rtg = history.states, history.returns_to_go
+        if not isinstance(states, Tensor) or states.ndim != 3 or states.shape[0] != batch or \
+                states.shape[2] != self.obs_dim:
+            raise ValueError(f"history.states must be a tensor [B, K, S] = [{batch}, K, {self.obs_dim}], got "
+                             f"{tuple(states.shape) if isinstance(states, Tensor) else type(states).__name__}")
+        if not isinstance(rtg, Tensor) or tuple(rtg.shape) != tuple(states.shape[:2]):
+            raise ValueError(f"history.returns_to_go must be a tensor [B, K] = {list(states.shape[:2])}, got "
+                             f"{tuple(rtg.shape) if isinstance(rtg, Tensor) else type(rtg).__name__}")
+        k = min(self.history_length, states.shape[1])
+        if k == 0:
+            return None
+        states, rtg = states[:, -k:].to(self.device, torch.float32), rtg[:, -k:].to(self.device, torch.float32)
+        scale = getattr(self.config, "return_scale", 1.0)
+        return StateHistory(self.model.normalize_states(states), rtg / scale)
 
     def _check_obs(self, obs: Tensor) -> Tensor:
         if not isinstance(obs, Tensor):
@@ -434,38 +484,52 @@ class BehaviorCloningPolicy(OfflinePolicy):
     """a = pi(s): one MLP call; ignores the return condition."""
 
     def _act_normalized(self, states: Tensor, cond: Tensor, generator: torch.Generator | None,
-                        validate: bool = True) -> Tensor:
+                        validate: bool = True, history: StateHistory | None = None) -> Tensor:
         return self.model.actor(states)
 
 
 class PlanningPolicy(OfflinePolicy):
     """A policy that plans states [B, H, S] and acts by inverse dynamics on the plan's first two states."""
 
-    def plan(self, obs: Tensor, returns_to_go: Tensor | None = None, *,
+    def plan(self, obs: Tensor, returns_to_go: Tensor | None = None, *, history: StateHistory | None = None,
              generator: torch.Generator | None = None) -> Tensor:
-        """obs [B, S] raw, returns_to_go [B] | None -> the plan [B, H, S] in raw units (plan[:, 0] = obs)."""
+        """obs [B, S] raw, returns_to_go [B] | None, history (raw, see :meth:`act`) -> the plan [B, H, S] in raw
+        units (plan[:, 0] = obs)."""
         obs = self._check_obs(obs)
         with torch.no_grad():
             states = self.model.normalize_states(obs)
-            plan = self.plan_normalized(states, self._condition(returns_to_go, obs.shape[0]), generator=generator)
+            plan = self.plan_normalized(states, self._condition(returns_to_go, obs.shape[0]), generator=generator,
+                                        history=self._normalized_history(history, obs.shape[0]))
             out = self.model.unnormalize_states(plan)
             out[:, 0] = obs  # the pinned state, without the round-off of unnormalising
             return out
 
     def plan_normalized(self, states: Tensor, cond: Tensor, *, generator: torch.Generator | None = None,
-                        validate: bool = True) -> Tensor:
-        """states [B, S] normalised, cond [B, 1] -> plan [B, H, S] normalised with plan[:, 0] = states."""
+                        validate: bool = True, history: StateHistory | None = None) -> Tensor:
+        """states [B, S] normalised, cond [B, 1], history (normalised, see :meth:`draft`) -> plan [B, H, S]
+        normalised with plan[:, 0] = states."""
         raise NotImplementedError
 
     def _act_normalized(self, states: Tensor, cond: Tensor, generator: torch.Generator | None,
-                        validate: bool = True) -> Tensor:
-        plan = self.plan_normalized(states, cond, generator=generator, validate=validate)
+                        validate: bool = True, history: StateHistory | None = None) -> Tensor:
+        plan = self.plan_normalized(states, cond, generator=generator, validate=validate, history=history)
         return self.model.inverse_dynamics(torch.cat([plan[:, 0], plan[:, 1]], dim=-1))
 
-    def draft(self, states: Tensor, cond: Tensor, steps: int | None = None) -> Tensor:
-        """The GPT's autoregressive draft: states [B, S], cond [B, 1] -> [B, 1 + steps, S] (default H states)."""
+    def draft(self, states: Tensor, cond: Tensor, steps: int | None = None,
+              history: StateHistory | None = None) -> Tensor:
+        """The GPT's autoregressive draft: states [B, S], cond [B, 1] -> [B, 1 + steps, S] (default H states).
+
+        With ``history`` (normalised states [B, K, S], conditions [B, K]) the GPT reads the K earlier states first,
+        as in training, where a window starts anywhere in an episode and its condition is the return-to-go at
+        the window's first step: here the condition held at the first history step. Once the rollout outgrows the
+        GPT's window, the window slides and keeps that condition (the rewards of drafted steps are unknown).
+        """
         steps = self.config.horizon - 1 if steps is None else steps
-        return self.model.gpt.generate(states[:, None], steps, cond)
+        if history is None:
+            return self.model.gpt.generate(states[:, None], steps, cond)
+        prefix = torch.cat([history.states, states[:, None]], dim=1)
+        k = history.states.shape[1]
+        return self.model.gpt.generate(prefix, steps, history.returns_to_go[:, :1])[:, k:]
 
 
 class DecisionTransformerPolicy(PlanningPolicy):
@@ -476,12 +540,12 @@ class DecisionTransformerPolicy(PlanningPolicy):
         return 2  # one GPT forward, one inverse-dynamics call
 
     def plan_normalized(self, states: Tensor, cond: Tensor, *, generator: torch.Generator | None = None,
-                        validate: bool = True) -> Tensor:
-        return self.draft(states, cond)
+                        validate: bool = True, history: StateHistory | None = None) -> Tensor:
+        return self.draft(states, cond, history=history)
 
     def _act_normalized(self, states: Tensor, cond: Tensor, generator: torch.Generator | None,
-                        validate: bool = True) -> Tensor:
-        plan = self.draft(states, cond, steps=1)   # only s_1 is acted on: do not roll out the rest
+                        validate: bool = True, history: StateHistory | None = None) -> Tensor:
+        plan = self.draft(states, cond, steps=1, history=history)   # only s_1 is acted on: do not roll out the rest
         return self.model.inverse_dynamics(torch.cat([plan[:, 0], plan[:, 1]], dim=-1))
 
 
@@ -555,7 +619,7 @@ class DecisionDiffuserPolicy(DiffusionPlanningPolicy):
         return self.sampler(1.0, self.config.sample_steps).nfe + 1
 
     def plan_normalized(self, states: Tensor, cond: Tensor, *, generator: torch.Generator | None = None,
-                        validate: bool = True) -> Tensor:
+                        validate: bool = True, history: StateHistory | None = None) -> Tensor:
         return self.diffuse(states, cond, generator=generator, validate=validate)
 
 
@@ -571,12 +635,12 @@ class TrajectoryDiffuserPolicy(DiffusionPlanningPolicy):
         return (c.horizon - 1) + refine + 1
 
     def plan_normalized(self, states: Tensor, cond: Tensor, *, generator: torch.Generator | None = None,
-                        validate: bool = True) -> Tensor:
+                        validate: bool = True, history: StateHistory | None = None) -> Tensor:
         c = self.config
         if not c.use_draft:
             return self.diffuse(states, cond, generator=generator, validate=validate)
-        return self.refine(self.draft(states, cond), cond, t_mid=c.t_mid, steps=c.sample_steps, generator=generator,
-                           validate=validate)
+        return self.refine(self.draft(states, cond, history=history), cond, t_mid=c.t_mid, steps=c.sample_steps,
+                           generator=generator, validate=validate)
 
 
 POLICIES: dict[str, type[OfflinePolicy]] = {
