@@ -49,8 +49,11 @@ class OfflineAgent:
             raise ValueError("obs must be finite numbers (got NaN, inf or a non-numeric dtype)")
         device = self.policy.device
         rtg = None if returns_to_go is None else torch.as_tensor(np.asarray(returns_to_go, np.float32), device=device)
-        past = None if history is None else StateHistory(
-            *(torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device) for x in history))
+        past = None
+        if history is not None:
+            if len(history) != 2 or not all(np.isfinite(np.asarray(x, dtype=np.float64)).all() for x in history):
+                raise ValueError("history must be (states [B, K, S], returns_to_go [B, K]) of finite numbers")
+            past = StateHistory(*(torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device) for x in history))
         self.policy.model.eval()
         with torch.no_grad():
             obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)

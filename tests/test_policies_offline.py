@@ -413,6 +413,8 @@ def test_bad_history_and_draft_history_raise() -> None:
         policy.act(obs, history=StateHistory(torch.zeros(3, 2, S), torch.zeros(3, 2)))
     with pytest.raises(ValueError, match=r"history.returns_to_go must be a tensor \[B, K\]"):
         policy.act(obs, history=StateHistory(torch.zeros(2, 2, S), torch.zeros(2)))
+    with pytest.raises(ValueError, match="history must be .* of finite numbers"):
+        OfflineAgent(policy).act(np.zeros((2, S)), history=(np.full((2, 1, S), np.nan), np.zeros((2, 1))))
     with pytest.raises(ValueError, match="draft_history must be in"):
         make_config("trajectory-diffuser", horizon=8, draft_history=8)
     assert "draft_history" in TrajectoryDiffuserConfig.inference_fields
