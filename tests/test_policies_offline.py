@@ -278,6 +278,14 @@ def test_training_resumes(linear_file, tmp_path) -> None:
     assert read_policy_metadata(tmp_path / "bc.safetensors")["algorithm"] == "behavior-cloning"
     with pytest.raises(ValueError, match="algorithm='behavior-cloning'"):
         train_offline(TrajectoryDiffuserConfig(**TINY), linear_file, tmp_path, steps=2, resume=True)
+    wider = dataclasses.replace(config, hidden_dim=64)
+    with pytest.raises(ValueError, match="another config .*hidden_dim: 32 vs 64"):
+        train_offline(wider, linear_file, tmp_path, steps=9, resume=True)
+    td = TrajectoryDiffuserConfig(**TINY, checkpoint_every=2)
+    train_offline(td, linear_file, tmp_path / "td", steps=2, device="cpu")
+    resumed, summary = train_offline(dataclasses.replace(td, t_mid=0.2), linear_file, tmp_path / "td", steps=3,
+                                     resume=True, device="cpu")   # an inference field may change on resume
+    assert summary["step"] == 3 and resumed.config.t_mid == 0.2
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -717,7 +717,7 @@ def train_offline(algo_config: OfflineConfig, dataset_path: str | Path, out_dir:
         steps: total optimizer updates.
         seed: seeds weights init, data order and diffusion noise.
         resume: continue from the newest checkpoint in ``out_dir``; refused (ValueError) when that run
-            was for another algorithm, env or obs/action dims.
+            was for another algorithm, env, obs/action dims or training config (inference fields may change).
         device: "cpu", "cuda", ... (None: cuda when available).
         progress: show a progress bar.
     Returns:
@@ -764,7 +764,8 @@ def _run_record(config: OfflineConfig, env_id: str | None, obs_dim: int, act_dim
 
 
 def _check_or_write_run(out_dir: Path, run: dict[str, Any], resume: bool) -> None:
-    """On resume, refuse a run directory recorded for another algorithm/env/dims; then record this run."""
+    """On resume, refuse a run directory recorded for another algorithm/env/dims or another training config (the
+    fields its weights depend on; inference fields may differ); then record this run."""
     record = out_dir / RUN_FILE
     if resume and record.is_file():
         saved = json.loads(record.read_text())
@@ -773,8 +774,22 @@ def _check_or_write_run(out_dir: Path, run: dict[str, Any], resume: bool) -> Non
                 raise ValueError(f"{out_dir} holds a run with {key}={saved.get(key)!r}, but this run has "
                                  f"{key}={run[key]!r}; resume only the same algorithm on the same env/data, "
                                  "or use another out_dir")
+        changed = _changed_training_fields(run["algorithm"], saved.get("config", {}), run["config"])
+        if changed:
+            raise ValueError(f"{out_dir} holds a run trained with another config ({'; '.join(changed)}, saved vs "
+                             "this run); resume only with the same training fields, or use another out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(record, json.dumps(run, indent=2).encode())
+
+
+def _changed_training_fields(algorithm: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"field: saved vs current"`` for each training field that differs; a field the saved record predates
+    counts as its default."""
+    config_class = ALGORITHMS[algorithm]
+    known = {f.name for f in dataclasses.fields(config_class)}
+    saved_full = make_config(algorithm, **{k: v for k, v in saved.items() if k in known}).to_dict()
+    return [f"{k}: {saved_full.get(k)!r} vs {v!r}" for k, v in config_class.training_part(current).items()
+            if saved_full.get(k) != v]
 
 
 # ----------------------------------------------------------------------------------------------------
