@@ -125,8 +125,8 @@ def test_rerun_reloads_instead_of_training(quick_demo: Path) -> None:
 
 
 def test_vanilla_unet_width_is_part_of_what_a_rerun_must_match(quick_demo: Path, tmp_path: Path) -> None:
-    """Weights of one U-Net width are reused for that width only: another width is not served the old weights (its
-    training then refuses the old width's checkpoints in that directory; use another --out-dir)."""
+    """Weights of one U-Net width are reused for that width only: another width is refused in that directory, naming
+    the field, rather than served the old weights (use another --out-dir)."""
     config = dataclasses.replace(DrivingBenchConfig.quick(str(tmp_path)), data=str(quick_demo / "data.h5"),
                                  unet_base_dim=8)
     train_seeds, _ = split_seeds(Path(config.data))
