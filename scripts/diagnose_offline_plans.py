@@ -78,9 +78,8 @@ def reconstruction_rms(policy: DiffusionPlanningPolicy, plan: torch.Tensor, cond
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for t in PROBE_TIMES:
-        alpha, sigma = schedule.coefficients(t)
-        x_t = alpha * plan + sigma * torch.randn(plan.shape, generator=generator)
         times = torch.full((len(plan),), t)
+        x_t = schedule.add_noise(plan, times, torch.randn(plan.shape, generator=generator))
         x0 = convert(denoiser(x_t, times, cond=cond), x_t, times, schedule, policy.config.prediction, "x0")
         out[str(t)] = float((x0[:, 1:] - plan[:, 1:]).pow(2).mean().sqrt())
     return out

@@ -257,9 +257,7 @@ def _require_same_policy(saved: DrivingPolicy, built: DrivingPolicy, out_dir: Pa
     if type(saved) is not type(built):
         differences = [f"class {type(saved).__name__} vs {type(built).__name__}"]
     else:
-        saved_fields, built_fields = saved.config.to_dict(), built.config.to_dict()
-        differences = [f"{k}: {saved_fields.get(k)!r} vs {v!r}" for k, v in built_fields.items()
-                       if saved_fields.get(k) != v]
+        differences = [f"{k}: {a!r} vs {b!r}" for k, a, b in saved.config.differences(built.config)]
         # k-means centroids may differ by float round-off between BLAS thread counts, never by metres
         if isinstance(built, AnchoredDiffusionPolicy) and not torch.allclose(
                 saved.anchors.cpu(), built.anchors.cpu(), atol=1e-3):

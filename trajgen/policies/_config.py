@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-_NUMBER_TYPES = ("int", "float", "float | None", "int | None")
+_NUMBER_TYPES = ("int", "float", "float | None")
 
 
 def check_scalar_fields(config: Any) -> None:

@@ -121,6 +121,11 @@ class DrivingPolicyConfig:
             raise ValueError(f"unknown {cls.__name__} field(s) {unknown}")
         return cls(**values)
 
+    def differences(self, other: DrivingPolicyConfig) -> list[tuple[str, Any, Any]]:
+        """(field, this value, ``other``'s value) for every field whose values differ (as in :meth:`to_dict`)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [(k, mine.get(k), v) for k, v in theirs.items() if mine.get(k) != v]
+
 
 @dataclass
 class AnchoredDiffusionConfig(DrivingPolicyConfig):
@@ -383,9 +388,8 @@ class DrivingPolicy(nn.Module):
         if algorithm != self.algorithm:
             raise ValueError(f"{path} holds a {algorithm!r} policy; this policy is {self.algorithm!r}")
         # fields the checkpoint predates take their defaults, as in ``load``
-        saved = self.config_class.from_dict(config_values).to_dict()
-        differ = [f"{k}: checkpoint {saved[k]!r} vs policy {v!r}" for k, v in self.config.to_dict().items()
-                  if saved[k] != v]
+        saved = self.config_class.from_dict(config_values)
+        differ = [f"{k}: checkpoint {a!r} vs policy {b!r}" for k, a, b in saved.differences(self.config)]
         if differ:
             raise ValueError(f"{path} was saved with a different config: " + "; ".join(differ))
         self._load_state(state, str(path))
