@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import trajgen.bench.driving as bench_driving
 from trajgen.bench.driving import (
     DrivingBenchConfig,
     _pool,
+    build_policy,
     check_targets,
     combine_seeds,
     ensure_data,
@@ -27,6 +29,7 @@ from trajgen.bench.driving import (
 )
 from trajgen.bench.driving_speed import trajgen_throughput
 from trajgen.envs.driving.collect import split_of_seed
+from trajgen.policies.anchors import kmeans_anchors, trajectory_bounds
 from trajgen.policies.driving import AnchoredDiffusionPolicy, DrivingSamples, RegressionPolicy
 
 
@@ -77,6 +80,19 @@ def test_targets_compare_the_right_numbers() -> None:
 def test_bench_config_refuses_unknown_policies() -> None:
     with pytest.raises(ValueError, match=r"policies: unknown \['vanila'\]"):
         DrivingBenchConfig(policies=("anchored", "vanila"))
+    with pytest.raises(ValueError, match="anchor_space must be one of"):
+        DrivingBenchConfig(anchor_space="meters")
+
+
+def test_normalised_anchor_space_clusters_in_the_normaliser_half_ranges() -> None:
+    plans = np.random.default_rng(0).normal(size=(200, 8, 3)) * [20.0, 4.0, 0.5] + [30.0, 0.0, 0.0]
+    config = DrivingBenchConfig.quick("unused")
+    low, high = trajectory_bounds(plans)
+    half_range = (np.asarray(high[:2]) - np.asarray(low[:2])) / 2
+    for space, scale in [("metres", None), ("normalised", half_range)]:
+        policy = build_policy("anchored", dataclasses.replace(config, anchor_space=space), plans)
+        expected = kmeans_anchors(plans, k=policy.config.n_anchors, seed=config.seed, position_scale=scale)
+        torch.testing.assert_close(policy.anchors, expected)
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,25 @@ def test_kmeans_anchors_recovers_cluster_centres_and_circular_mean_heading() -> 
         kmeans_anchors(plans[..., :2], k=3)
 
 
+def test_kmeans_anchors_position_scale_separates_turns_that_speed_spread_hides() -> None:
+    # straight plans at speeds 2..14 m/s (final x 8..56 m) and two lane changes of +-3 m at 8 m/s: in metres the
+    # speed spread dominates and k = 3 splits the straight plans by speed; with x / 24, y / 1.5 (ranges of about
+    # +-1 each) the three shapes are the clusters, and the centres come back in metres as the members' means
+    g = torch.Generator().manual_seed(0)
+    which = torch.tensor([0] * 200 + [1] * 60 + [2] * 40)
+    speed = torch.where(which == 0, 2 + 12 * torch.rand(300, generator=g), 8 + 0.1 * torch.randn(300, generator=g))
+    lateral = torch.stack([0 * TIMES, 3 * smoothstep(TIMES, 4), -3 * smoothstep(TIMES, 4)])[which]
+    plans = plan_from_lateral(lateral, speed)
+    in_metres = kmeans_anchors(plans, k=3, seed=0)
+    assert in_metres[:, -1, 1].abs().max() < 2.0  # no centre is a lane change
+    scaled = kmeans_anchors(plans, k=3, seed=0, position_scale=(24.0, 1.5))
+    for slot, cluster in enumerate([0, 1, 2]):  # sorted by size
+        torch.testing.assert_close(scaled[slot, :, :2], plans[which == cluster][..., :2].mean(0), atol=1e-4, rtol=0)
+    for bad in [(0.0, 1.0), (1.0,), (float("nan"), 1.0)]:
+        with pytest.raises(ValueError, match="position_scale"):
+            kmeans_anchors(plans, k=3, position_scale=bad)
+
+
 def test_normalizer_round_trip_and_bounds() -> None:
     low, high = trajectory_bounds(torch.tensor([[[0.0, -10.0, -1.0], [50.0, 10.0, 1.0]]]), margin=0.0)
     assert low == [0.0, -10.0, -1.0] and high == [50.0, 10.0, 1.0]

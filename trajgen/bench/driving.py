@@ -62,6 +62,7 @@ POLICY_NAMES = ("anchored", "vanilla", "regression")
 VANILLA_NAMES = ("vanilla", "vanilla-unet")
 """the vanilla 20-step baselines: DiT-1d (default) and DiffusionDrive's TransfuserDP head, a conditional U-Net"""
 KNOWN_POLICIES = (*POLICY_NAMES, "vanilla-unet")
+ANCHOR_SPACES = ("metres", "normalised")
 SUB_SCORES = ("nc", "dac", "ttc", "ep", "c", "pdms")
 TEST_FRACTION = 0.1
 TARGET_LATENCY_RATIO = 8.0
@@ -92,6 +93,9 @@ class DrivingBenchConfig:
     unet_base_dim: int = 64
     """first-level channels of the vanilla-unet denoiser (64: the default d_model, the DiT's width rule, 7.4M
     parameters; 16 matches the DiT's parameter count but does not learn the task at the default budget)."""
+    anchor_space: str = "metres"
+    """where k-means clusters the anchored policy's anchors: 'metres' (DiffusionDrive) or 'normalised' (x and y
+    divided by the plan normaliser's half ranges, which gives turns more of the K anchors)."""
     open_loop_rows: int = 4000
     """held-out logged ticks scored open-loop (all of them if fewer)."""
     diversity_rows: int = 256
@@ -122,6 +126,8 @@ class DrivingBenchConfig:
         unknown = [name for name in self.policies if name not in KNOWN_POLICIES]
         if unknown:
             raise ValueError(f"policies: unknown {unknown}; expected names from {KNOWN_POLICIES}")
+        if self.anchor_space not in ANCHOR_SPACES:
+            raise ValueError(f"anchor_space must be one of {ANCHOR_SPACES}, got {self.anchor_space!r}")
         if len(set(self.training_seeds)) != len(self.training_seeds):
             raise ValueError(f"training_seeds must be distinct, got {list(self.training_seeds)}")
 
@@ -194,8 +200,9 @@ def build_policy(name: str, config: DrivingBenchConfig, train_plans: np.ndarray,
     low, high = trajectory_bounds(train_plans)
     shared = {"d_model": config.d_model, "norm_low": tuple(low), "norm_high": tuple(high)}
     if name == "anchored":
-        anchors = kmeans_anchors(train_plans, k=AnchoredDiffusionConfig.n_anchors,
-                                 seed=_training_seed(config, seed))
+        half_range = (np.asarray(high[:2]) - np.asarray(low[:2])) / 2
+        anchors = kmeans_anchors(train_plans, k=AnchoredDiffusionConfig.n_anchors, seed=_training_seed(config, seed),
+                                 position_scale=half_range if config.anchor_space == "normalised" else None)
         return AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**shared), anchors=anchors)
     if name == "vanilla":
         return VanillaDiffusionPolicy(VanillaDiffusionConfig(**shared, denoiser_width=config.d_model))

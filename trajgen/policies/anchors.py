@@ -24,17 +24,24 @@ def _check_trajectories(trajectories: np.ndarray | Tensor, name: str) -> np.ndar
     return array.astype(np.float64)
 
 
-def kmeans_anchors(trajectories: np.ndarray | Tensor, k: int = 20, seed: int = 0) -> Tensor:
+def kmeans_anchors(trajectories: np.ndarray | Tensor, k: int = 20, seed: int = 0,
+                   position_scale: Sequence[float] | None = None) -> Tensor:
     """K anchor plans from k-means over the flattened (x, y) waypoints of training plans.
 
     The clustering uses positions only (as DiffusionDrive's anchors). Each anchor's heading is the circular
     mean of its members' headings at every pose (atan2 of the mean sin and cos), so a turning cluster gets
     the heading its drivers actually had rather than the tangent of the averaged path.
 
+    In metres the distance is dominated by the spread of speeds along the road, so most centres are straight
+    plans at different speeds; ``position_scale`` = (sx, sy) clusters x / sx and y / sy instead (e.g. the
+    normaliser's half ranges, the space the diffusion runs in), which gives turns more centres. The centres
+    are scaled back to metres.
+
     Args:
         trajectories: [S, H, 3] ego-frame plans (x, y, heading), S >= k.
         k: number of anchors.
         seed: k-means initialisation seed.
+        position_scale: (sx, sy) > 0, or None to cluster in metres.
     Returns:
         anchors [k, H, 3] float32, sorted by cluster size (largest first) so the order is reproducible.
     """
@@ -45,14 +52,17 @@ def kmeans_anchors(trajectories: np.ndarray | Tensor, k: int = 20, seed: int = 0
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if len(array) < k:
         raise ValueError(f"kmeans_anchors needs at least k={k} trajectories, got {len(array)}")
-    positions = array[..., :2].reshape(len(array), -1)
+    scale = np.ones(2) if position_scale is None else np.asarray(position_scale, dtype=np.float64)
+    if scale.shape != (2,) or not np.isfinite(scale).all() or (scale <= 0).any():
+        raise ValueError(f"position_scale must be two finite values > 0 (sx, sy), got {position_scale!r}")
+    positions = (array[..., :2] / scale).reshape(len(array), -1)
     kmeans = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(positions)
     labels = kmeans.labels_
     order = np.argsort(-np.bincount(labels, minlength=k), kind="stable")
     anchors = np.zeros((k,) + array.shape[1:], dtype=np.float64)
     for slot, cluster in enumerate(order):
         members = array[labels == cluster]
-        anchors[slot, :, :2] = kmeans.cluster_centers_[cluster].reshape(-1, 2)
+        anchors[slot, :, :2] = kmeans.cluster_centers_[cluster].reshape(-1, 2) * scale
         anchors[slot, :, 2] = np.arctan2(np.sin(members[..., 2]).mean(0), np.cos(members[..., 2]).mean(0))
     return torch.as_tensor(anchors, dtype=torch.float32)
 
