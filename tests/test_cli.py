@@ -65,3 +65,14 @@ def test_bench_driving_passes_the_policies(driving_config_seen, tmp_path):
     assert seen["config"].policies == ("anchored", "vanilla", "regression")
     result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--policy", "vanila"])
     assert isinstance(result.exception, ValueError) and "vanila" in str(result.exception)  # main() exits 2 on it
+
+
+def test_bench_driving_passes_the_anchor_space(driving_config_seen, tmp_path):
+    seen = driving_config_seen
+    runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path)])
+    assert seen["config"].anchor_space == "metres"
+    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--anchor-space", "normalised"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"].anchor_space == "normalised"
+    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--anchor-space", "meters"])
+    assert isinstance(result.exception, ValueError) and "anchor_space" in str(result.exception)
