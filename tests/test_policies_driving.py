@@ -541,3 +541,32 @@ def test_train_driving_policy_checkpoints_and_resumes(tmp_path) -> None:
     with pytest.raises(ValueError, match="no anchors"):
         train_driving_policy(AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**{**SMALL, "n_anchors": 4})), data,
                              config)
+
+
+def test_train_driving_policy_refuses_to_resume_checkpoints_of_another_build(tmp_path) -> None:
+    """Same state-dict shapes, another schedule / other anchors / another algorithm: refused, naming the difference
+    (the Trainer alone would load them); resume=False starts over and records the new build."""
+    from trajgen.training import TrainerConfig
+
+    path = tmp_path / "samples.h5"
+    write_samples(path, 64)
+    data = DrivingSamples(path, spec=SPEC)
+    anchors = kmeans_anchors(data.trajectories(), 4)
+    settings = {**SMALL, "n_anchors": 4}
+    config = TrainerConfig(steps=2, batch_size=16, warmup_steps=1, checkpoint_every=2, out_dir=str(tmp_path / "run"),
+                           progress=False, tensorboard=False, device="cpu", log_every=1)
+    train_driving_policy(AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**settings), anchors), data, config)
+    config.steps = 3
+    other_schedule = AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**settings, beta_end=0.03), anchors)
+    with pytest.raises(ValueError, match=r"built differently.*beta_end: 0\.02 vs 0\.03"):
+        train_driving_policy(other_schedule, data, config)
+    other_anchors = AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**settings), anchors + 0.5)
+    with pytest.raises(ValueError, match=r"built differently.*anchors"):
+        train_driving_policy(other_anchors, data, config)
+    with pytest.raises(ValueError, match=r"algorithm 'anchored-diffusion' vs 'regression'"):
+        train_driving_policy(RegressionPolicy(RegressionConfig(**SMALL)), data, config)
+    _, fresh = train_driving_policy(other_anchors, data, config, resume=False)
+    assert fresh["step"] == 3 and len(fresh["history"]["loss"]) == 3  # started over
+    config.steps = 4
+    _, resumed = train_driving_policy(other_anchors, data, config)
+    assert resumed["step"] == 4 and len(resumed["history"]["loss"]) == 1  # the new build resumes

@@ -259,16 +259,9 @@ def train_policy(name: str, config: DrivingBenchConfig, dataset: DrivingSamples,
 
 
 def _require_same_policy(saved: DrivingPolicy, built: DrivingPolicy, out_dir: Path) -> None:
-    """Refuse a run directory whose policy was built differently (class, config fields or anchors) from the one
+    """Refuse a run directory whose policy was built differently (algorithm, config fields or anchors) from the one
     this run builds: its weights or checkpoints must be neither reused nor resumed."""
-    if type(saved) is not type(built):
-        differences = [f"class {type(saved).__name__} vs {type(built).__name__}"]
-    else:
-        differences = [f"{k}: {a!r} vs {b!r}" for k, a, b in saved.config.differences(built.config)]
-        # k-means centroids may differ by float round-off between BLAS thread counts, never by metres
-        if isinstance(built, AnchoredDiffusionPolicy) and not torch.allclose(
-                saved.anchors.cpu(), built.anchors.cpu(), atol=1e-3):
-            differences.append("anchors (another training set or k-means seed)")
+    differences = built.differences_from(saved.algorithm, saved.config.to_dict(), getattr(saved, "anchors", None))
     if differences:
         raise ValueError(f"{out_dir} holds a policy built differently from this run's (saved vs this run: "
                          f"{'; '.join(differences)}); use another --out-dir, or delete that directory to retrain")

@@ -395,6 +395,23 @@ class DrivingPolicy(nn.Module):
         self._load_state(state, str(path))
         return self
 
+    def differences_from(self, algorithm: str, config_values: Mapping[str, Any], anchors: Tensor | None = None
+                         ) -> list[str]:
+        """How this policy is built differently from one saved as (``algorithm``, ``config_values`` as in
+        ``config.to_dict()``, ``anchors`` [K, H, 3] or None): "field: saved vs this" for each differing config field
+        (fields the saved dict predates take their defaults), and the anchors when they differ by more than 1e-3 m
+        (k-means centroids may differ by float round-off between BLAS thread counts, never by metres). Empty when
+        the two match."""
+        if algorithm != self.algorithm:
+            return [f"algorithm {algorithm!r} vs {self.algorithm!r}"]
+        saved = self.config_class.from_dict(config_values)
+        differences = [f"{k}: {a!r} vs {b!r}" for k, a, b in saved.differences(self.config)]
+        mine = getattr(self, "anchors", None)
+        if (anchors is not None and mine is not None and anchors.shape == mine.shape
+                and not torch.allclose(anchors.cpu(), mine.cpu(), atol=1e-3)):
+            differences.append("anchors (another training set or k-means seed)")
+        return differences
+
     renamed_parameters: ClassVar[dict[str, str]] = {}
     """old -> new parameter-name prefixes: checkpoints written before a rename load under the new names"""
 
@@ -1015,8 +1032,43 @@ def train_driving_policy(policy: DrivingPolicy, dataset: Dataset | Callable[[tor
     if isinstance(policy, AnchoredDiffusionPolicy) and not bool(policy.anchors.abs().sum() > 0):
         raise ValueError("the anchored policy has no anchors: build it with anchors=kmeans_anchors(plans, k)")
     config = config or TrainerConfig()
+    if resume:
+        _require_resumable(policy, Path(config.out_dir))
+    _record_build(policy, Path(config.out_dir))
     with Trainer(policy, _policy_loss, dataset, config) as trainer:
         summary = trainer.fit(resume=resume)
         trained = trainer.ema_model
     path = trained.save(Path(config.out_dir) / policy_file)
     return trained, {**summary, "policy_file": str(path)}
+
+
+BUILD_RECORD = "policy_build.json"
+"""written by :func:`train_driving_policy` next to the checkpoints: the algorithm and config they were trained with"""
+
+
+def _record_build(policy: DrivingPolicy, out_dir: Path) -> None:
+    from trajgen.training.checkpoint import atomic_write_bytes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"algorithm": policy.algorithm, "config": policy.config.to_dict()}
+    atomic_write_bytes(out_dir / BUILD_RECORD, json.dumps(record, indent=1).encode())
+
+
+def _require_resumable(policy: DrivingPolicy, out_dir: Path) -> None:
+    """Refuse to resume checkpoints in ``out_dir`` trained for a policy built differently (algorithm, config, anchors);
+    the Trainer alone would load any state dict of the same shapes. Runs that predate the build record pass."""
+    from trajgen.training import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(out_dir / ckpt.CHECKPOINT_SUBDIR)
+    if latest is None or not (out_dir / BUILD_RECORD).is_file():
+        return
+    try:
+        record = json.loads((out_dir / BUILD_RECORD).read_text())
+        algorithm, config_values = record["algorithm"], record["config"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{out_dir / BUILD_RECORD} is not a build record written by train_driving_policy: {e}") from e
+    anchors = ckpt.read_checkpoint(latest)[0].get("anchors") if isinstance(policy, AnchoredDiffusionPolicy) else None
+    differences = policy.differences_from(algorithm, config_values, anchors)
+    if differences:
+        raise ValueError(f"{out_dir} holds checkpoints of a policy built differently (saved vs this policy: "
+                         f"{'; '.join(differences)}); train into another out_dir, or pass resume=False")
