@@ -387,11 +387,9 @@ class DrivingPolicy(nn.Module):
         algorithm, config_values, state = _read_policy_file(path)
         if algorithm != self.algorithm:
             raise ValueError(f"{path} holds a {algorithm!r} policy; this policy is {self.algorithm!r}")
-        # fields the checkpoint predates take their defaults, as in ``load``
-        saved = self.config_class.from_dict(config_values)
-        differ = [f"{k}: checkpoint {a!r} vs policy {b!r}" for k, a, b in saved.differences(self.config)]
+        differ = self.differences_from(algorithm, config_values)
         if differ:
-            raise ValueError(f"{path} was saved with a different config: " + "; ".join(differ))
+            raise ValueError(f"{path} was saved with a different config (checkpoint vs policy): " + "; ".join(differ))
         self._load_state(state, str(path))
         return self
 
