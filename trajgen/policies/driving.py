@@ -1021,7 +1021,8 @@ def train_driving_policy(policy: DrivingPolicy, dataset: Dataset | Callable[[tor
         dataset: a :class:`DrivingSamples` (or any map-style Dataset / sample_batch callable of batches).
         config: a ``TrainerConfig``.
     Returns:
-        (the EMA policy in eval mode, the Trainer's summary dict with "policy_file" added).
+        (the EMA policy in eval mode, as loaded from the saved file, the Trainer's summary dict with "policy_file"
+        added).
     """
     from trajgen.training import Trainer, TrainerConfig
 
@@ -1037,7 +1038,9 @@ def train_driving_policy(policy: DrivingPolicy, dataset: Dataset | Callable[[tor
         summary = trainer.fit(resume=resume)
         trained = trainer.ema_model
     path = trained.save(Path(config.out_dir) / policy_file)
-    return trained, {**summary, "policy_file": str(path)}
+    # return the file's copy, not the Trainer's EMA module: its parameters do not require grad, for which PyTorch
+    # picks other kernels, so a later run that loads the file would plan differently in the last bits
+    return DrivingPolicy.load(path, map_location=trained.device), {**summary, "policy_file": str(path)}
 
 
 BUILD_RECORD = "policy_build.json"
