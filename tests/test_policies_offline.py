@@ -240,9 +240,8 @@ def test_checkpoint_round_trip_and_mismatch(trained_td) -> None:
     saved, restored = policy.model.state_dict(), loaded.model.state_dict()
     assert saved.keys() == restored.keys()
     assert all(torch.equal(saved[k], restored[k]) for k in saved)
-    # the same weights and noise; only float32 summation order may differ (KV-cache buffers sized per call)
-    np.testing.assert_allclose(OfflineAgent(loaded, seed=1).act(obs), OfflineAgent(policy, seed=1).act(obs),
-                               rtol=1e-5, atol=1e-6)
+    # the same weights and noise give the same actions to the last bit (train_offline returns the file's copy)
+    np.testing.assert_array_equal(OfflineAgent(loaded, seed=1).act(obs), OfflineAgent(policy, seed=1).act(obs))
     assert loaded.default_return == pytest.approx(policy.default_return) and loaded.default_return != 0
     with pytest.raises(ValueError, match="'trajectory-diffuser' policy, not 'decision-diffuser'"):
         load_policy(out, algorithm="decision-diffuser")

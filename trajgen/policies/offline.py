@@ -721,7 +721,8 @@ def train_offline(algo_config: OfflineConfig, dataset_path: str | Path, out_dir:
         device: "cpu", "cuda", ... (None: cuda when available).
         progress: show a progress bar.
     Returns:
-        (the policy with the EMA weights, the Trainer summary plus ``parameters`` and ``policy_path``).
+        (the policy with the EMA weights, as loaded from the saved file, the Trainer summary plus ``parameters`` and
+        ``policy_path``).
     """
     if type(algo_config) not in ALGORITHMS.values():
         raise ValueError(f"algo_config must be one of {[c.__name__ for c in ALGORITHMS.values()]}, got "
@@ -743,10 +744,11 @@ def train_offline(algo_config: OfflineConfig, dataset_path: str | Path, out_dir:
     with Trainer(model, lambda net, batch: net(batch), sample_batch, trainer_config) as trainer:
         summary = trainer.fit(resume=resume)
         trained = trainer.ema_model
-    policy = POLICIES[algo_config.algorithm](trained, env_id=env_id)
-    path = save_policy(policy, out_dir / POLICY_FILE)
+    path = save_policy(POLICIES[algo_config.algorithm](trained, env_id=env_id), out_dir / POLICY_FILE)
     summary = {**summary, "parameters": sum(p.numel() for p in trained.parameters()), "policy_path": str(path)}
-    return policy, summary
+    # return the file's copy, not the Trainer's EMA module: its parameters do not require grad, for which PyTorch
+    # picks other kernels, so a policy loaded later would act differently in the last bits
+    return load_policy(path, device=next(trained.parameters()).device), summary
 
 
 def _target_return(config: OfflineConfig, dataset: D4RLDataset) -> float:
