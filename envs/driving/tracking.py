@@ -4,9 +4,11 @@ A plan is ``[S, 8, 3]`` ego-frame poses (x, y, heading) at t = 0.5, 1.0, ..., 4.
 :class:`PlanTracker` stores it in the world frame with the tick's pose prepended (t = 0), then, every sim step:
 
 - **steering, pure pursuit** (Coulter 1992): project the rear axle onto the plan polyline, take the point a
-  lookahead distance ``Ld = max(min_lookahead, lookahead_time * v)`` further along (the last segment extended
-  straight), and steer onto the circle through it: curvature ``kappa = 2 y / (x^2 + y^2)`` in the ego frame,
-  steer = atan(L kappa);
+  lookahead distance ``Ld = max(min_lookahead, lookahead_time * v)`` further along (past the last pose, straight
+  on along the plan's final heading), and steer onto the circle through it: curvature ``kappa = 2 y / (x^2 + y^2)``
+  in the ego frame, steer = atan(L kappa). The final heading, not the direction of the last segment, continues the
+  path because a plan that slows to a stop has last segments a few centimetres long, whose direction a centimetre
+  of lateral noise turns by tens of degrees; the pursuit point 3 m out would turn with it;
 - **speed**: the plan is timed, so the reference arc length is ``s_ref(t)`` (piecewise linear in t through the
   knots). The law applies the constant acceleration that reaches ``s_ref(t + T)`` in ``T`` seconds:
   ``a = 2 (s_ref(t + T) - s - v T) / T^2`` (a PD law on the along-track error with damping ratio 0.71);
@@ -117,7 +119,8 @@ class PlanTracker:
         pts = to_ego_frame(self.plan_world[..., :2], ego_pose[:, None, :])  # [S, 9, 2], current ego frame
         s_now = _project(pts, self.knot_s)
         lookahead = np.maximum(self.min_lookahead, self.lookahead_time * speed)
-        target = _point_at(pts, self.knot_s, s_now + lookahead)
+        end_heading = self.plan_world[:, -1, 2] - ego_pose[:, 2]  # the final pose's heading in the ego frame
+        target = _point_at(pts, self.knot_s, s_now + lookahead, end_heading)
         d2 = np.maximum(np.sum(target**2, axis=-1), 1e-6)
         kappa = 2.0 * target[:, 1] / d2
         steer = np.arctan(self.limits.wheelbase * kappa)
@@ -147,17 +150,17 @@ def _project(pts: FloatArray, knot_s: FloatArray) -> FloatArray:
     return np.where(np.isinf(d2[rows, k]), 0.0, knot_s[rows, k] + t[rows, k] * seg_len)
 
 
-def _point_at(pts: FloatArray, knot_s: FloatArray, s: FloatArray) -> FloatArray:
-    """Point at arc length ``s [S]`` along ``pts [S, K, 2]``, the last non-degenerate segment extended. ``[S, 2]``."""
+def _point_at(pts: FloatArray, knot_s: FloatArray, s: FloatArray, end_heading: FloatArray) -> FloatArray:
+    """Point at arc length ``s [S]`` along ``pts [S, K, 2]``; past the last point, straight on along
+    ``end_heading [S]`` (radians, the frame of ``pts``). ``[S, 2]``."""
     rows = np.arange(pts.shape[0])
+    beyond = s - knot_s[:, -1]
+    ahead = pts[:, -1] + beyond[:, None] * np.stack([np.cos(end_heading), np.sin(end_heading)], axis=-1)
     k = np.clip(np.sum(knot_s[:, 1:-1] <= s[:, None], axis=1), 0, pts.shape[1] - 2)
     seg = pts[rows, k + 1] - pts[rows, k]
-    length = np.linalg.norm(seg, axis=-1)
-    # a zero-length last segment (the plan stops): aim along the overall direction of the plan
-    overall = pts[:, -1] - pts[:, 0]
-    direction = np.where((length > 1e-6)[:, None], seg / np.maximum(length, 1e-6)[:, None],
-                         overall / np.maximum(np.linalg.norm(overall, axis=-1), 1e-6)[:, None])
-    return pts[rows, k] + (s - knot_s[rows, k])[:, None] * direction
+    # s lies inside segment k, which therefore has a length unless s sits exactly on its start
+    direction = seg / np.maximum(np.linalg.norm(seg, axis=-1), 1e-9)[:, None]
+    return np.where((beyond > 0)[:, None], ahead, pts[rows, k] + (s - knot_s[rows, k])[:, None] * direction)
 
 
 def _interp_rows(x: FloatArray, xp: FloatArray, fp: FloatArray) -> FloatArray:
