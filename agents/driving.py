@@ -209,6 +209,7 @@ class Rollout:
     collision: np.ndarray  # [E]
     off_road: np.ndarray  # [E]
     completed: np.ndarray  # [E]
+    commands: np.ndarray  # [E] route command, index into COMMANDS (left, straight, right)
     decisions: int = 0
     decide_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -249,6 +250,7 @@ def rollout(make_decider: Callable[[DrivingSim], Decider], scenario: str, seeds:
         collision=np.concatenate([r["collision"] for r in rounds]),
         off_road=np.concatenate([r["off_road"] for r in rounds]),
         completed=np.concatenate([r["completed"] for r in rounds]),
+        commands=np.concatenate([r["commands"] for r in rounds]),
         decisions=sum(r["decisions"] for r in rounds), decide_s=sum(r["decide_s"] for r in rounds),
     )
 
@@ -280,7 +282,7 @@ def _rollout_round(make_decider: Callable[[DrivingSim], Decider], scenario: str,
 
     env.core.on_substep = on_substep
     obs, _ = env.reset(options={"seeds": seeds})
-    routes = sim.route_polylines().copy()
+    routes, commands = sim.route_polylines().copy(), sim.command.copy()
     log()
     flags = {k: np.zeros(S, dtype=bool) for k in ("collision", "off_road", "completed")}
     decisions, decide_s = 0, 0.0
@@ -298,7 +300,7 @@ def _rollout_round(make_decider: Callable[[DrivingSim], Decider], scenario: str,
             flags["completed"] |= done & final["route_completed"]
         running &= ~done
     out = {k: np.stack(v, axis=1) for k, v in frames.items()}
-    out.update(routes=routes, n_frames=n_frames, decisions=decisions, decide_s=decide_s, **flags)
+    out.update(routes=routes, commands=commands, n_frames=n_frames, decisions=decisions, decide_s=decide_s, **flags)
     return out
 
 

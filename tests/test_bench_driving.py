@@ -29,6 +29,7 @@ from trajgen.bench.driving import (
 )
 from trajgen.bench.driving_speed import trajgen_throughput
 from trajgen.envs.driving.collect import split_of_seed
+from trajgen.envs.driving.sim import COMMANDS, SCENARIOS, DrivingSim
 from trajgen.policies.anchors import kmeans_anchors, trajectory_bounds
 from trajgen.policies.driving import AnchoredDiffusionPolicy, DrivingSamples, RegressionPolicy
 
@@ -117,6 +118,17 @@ def test_quick_pipeline_end_to_end(quick_demo: Path) -> None:
             assert 0.0 <= pdms["mean"] <= 1.0, (name, mode)
         assert result["closed_loop"]["all"]["pdms"]["n"] == 2 * config.closed_loop_episodes
     assert saved["policies"]["anchored"]["nfe"] == 2 and saved["policies"]["vanilla"]["nfe"] == 20
+    # the closed loop by route command splits each scenario's episodes by the command their scene seed draws
+    seeds = held_out_scene_seeds(config.closed_loop_episodes, config.seed)
+    for scenario in SCENARIOS:
+        sim = DrivingSim(scenario, seeds.size)
+        sim.reset(seeds)
+        want = {COMMANDS[c]: int((sim.command == c).sum()) for c in np.unique(sim.command)}
+        for name, result in saved["policies"].items():
+            parts = result["closed_loop_by_command"][scenario]
+            assert {c: p["pdms"]["n"] for c, p in parts.items()} == want, (name, scenario)
+            pooled = sum(p["pdms"]["mean"] * p["pdms"]["n"] for p in parts.values()) / seeds.size
+            assert pooled == pytest.approx(result["closed_loop"][scenario]["pdms"]["mean"], abs=1e-12)
     # the expert drives its own reference scenes: progress is its own, so EP is 1 and nothing collides
     for scenario in saved["expert_closed_loop"].values():
         assert scenario["ep"]["mean"] == pytest.approx(1.0, abs=1e-3)
@@ -124,6 +136,7 @@ def test_quick_pipeline_end_to_end(quick_demo: Path) -> None:
     table = (quick_demo / "results.md").read_text()
     for name, result in saved["policies"].items():
         assert f"| {name} | {result['nfe']} | {result['open_loop']['all']['pdms']['mean']:.3f}" in table
+    assert "Closed loop by route command" in table
     assert saved["simulator_throughput"]["runs"]
     for picture in saved["pictures"].values():
         assert Path(picture).stat().st_size > 1000
@@ -205,6 +218,7 @@ def test_seed_average_is_the_mean_and_standard_error_of_the_seed_means() -> None
         return {"algorithm": "a", "nfe": 2, "latency_batch1": {"median_ms": 3.0},
                 "open_loop": {"all": {"pdms": stat(open_pdms)}},
                 "closed_loop": {s: {"pdms": stat(v)} for s, v in closed.items()},
+                "closed_loop_by_command": {"merge": {"left": {"pdms": stat(closed["all"])}}},
                 "mode_diversity": None if diversity is None else stat(diversity), "training": {"wall_s": 1.0}}
 
     per_seed = [result(0.9, {"merge": 0.8, "all": 0.6}, 0.5), result(0.8, {"merge": 0.6, "all": 0.4}, 0.7),
@@ -216,6 +230,7 @@ def test_seed_average_is_the_mean_and_standard_error_of_the_seed_means() -> None
     assert combined["closed_loop"]["all"]["pdms"]["mean"] == pytest.approx(0.6)
     assert combined["closed_loop"]["all"]["pdms"]["se"] == pytest.approx(0.2 / np.sqrt(3))
     assert combined["mode_diversity"]["mean"] == pytest.approx(0.6)
+    assert combined["closed_loop_by_command"]["merge"]["left"]["pdms"]["mean"] == pytest.approx(0.6)
     assert combined["latency_batch1"] == {"median_ms": 3.0} and combined["training_seeds"] == [0, 1, 2]
     assert [s["open_loop"]["all"]["pdms"]["mean"] for s in combined["per_seed"]] == [0.9, 0.8, 0.7]
     assert len(combined["training"]) == 3

@@ -40,7 +40,7 @@ from trajgen.bench.driving_speed import run_throughput_comparison
 from trajgen.envs.driving.collect import collect_driving, split_of_seed
 from trajgen.envs.driving.open_loop import LOG_KEYS, open_loop_scores
 from trajgen.envs.driving.scoring import mode_diversity
-from trajgen.envs.driving.sim import SCENARIOS
+from trajgen.envs.driving.sim import COMMANDS, SCENARIOS
 from trajgen.nets import count_parameters
 from trajgen.policies.anchors import kmeans_anchors, trajectory_bounds
 from trajgen.policies.driving import (
@@ -64,6 +64,7 @@ VANILLA_NAMES = ("vanilla", "vanilla-unet")
 KNOWN_POLICIES = (*POLICY_NAMES, "vanilla-unet")
 ANCHOR_SPACES = ("metres", "normalised")
 SUB_SCORES = ("nc", "dac", "ttc", "ep", "c", "pdms")
+CLOSED_LOOP_KEYS = (*SUB_SCORES, "collision", "route_completion")
 TEST_FRACTION = 0.1
 TARGET_LATENCY_RATIO = 8.0
 LATENCY_OBS_FILE = "latency_obs.npz"
@@ -473,7 +474,7 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
         "data": {"file": str(path), "train_rows": len(dataset), "test_rows_scored": len(test_rows["ego"]),
                  "train_seeds": int(train_seeds.size), "test_seeds": int(test_seeds.size),
                  "closed_loop_scenes_per_scenario": int(scene_seeds.size)},
-        "expert_closed_loop": {s: summarise(v, (*SUB_SCORES, "collision", "route_completion"))
+        "expert_closed_loop": {s: summarise(v, CLOSED_LOOP_KEYS)
                                for s, v in expert_closed.items()},
         "policies": results,
         "targets": check_targets(results),
@@ -534,11 +535,14 @@ def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows
     diversity = mean_se(mode_diversity(modes)) if modes is not None else None
     agent = DrivingAgent(policy, seed=config.seed)
     closed: dict[str, Any] = {}
+    by_command: dict[str, dict[str, Any]] = {}
     decide_s, decisions = 0.0, 0
     for scenario in SCENARIOS:
         run = rollout(lambda sim: agent.decider(), scenario, scene_seeds, max_decisions=config.max_decisions)
         scores = closed_loop_scores(run, references[scenario])
-        closed[scenario] = summarise(scores, (*SUB_SCORES, "collision", "route_completion"))
+        closed[scenario] = summarise(scores, CLOSED_LOOP_KEYS)
+        by_command[scenario] = {COMMANDS[c]: summarise({k: v[run.commands == c] for k, v in scores.items()},
+                                                       CLOSED_LOOP_KEYS) for c in np.unique(run.commands)}
         decide_s, decisions = decide_s + run.decide_s, decisions + run.decisions
     closed["all"] = {k: _pool([closed[s][k] for s in SCENARIOS]) for k in closed[SCENARIOS[0]]}
     return {
@@ -547,13 +551,14 @@ def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows
         "parameters": count_parameters(policy),
         "open_loop": {"all": summarise(open_scores, SUB_SCORES), **by_scenario},
         "closed_loop": closed,
+        "closed_loop_by_command": by_command,
         "mode_diversity": diversity,
         **(batch1_latencies(policy, test_obs, config.latency_repeats) if timed else {}),
         "closed_loop_batched_ms_per_decision": 1e3 * decide_s / max(decisions, 1),
     }
 
 
-SEED_AVERAGED = ("open_loop", "closed_loop", "mode_diversity")
+SEED_AVERAGED = ("open_loop", "closed_loop", "closed_loop_by_command", "mode_diversity")
 """Result entries whose (mean, se, n) statistics are averaged over training seeds."""
 
 
@@ -662,6 +667,7 @@ def markdown_table(document: Mapping[str, Any]) -> str:
             f"{ol['ttc']['mean']:.3f} | {ol['ep']['mean']:.3f} | {ol['c']['mean']:.3f} | {pm(cl['pdms'])} | "
             f"{cl['collision']['mean']:.3f} | {cl['route_completion']['mean']:.3f} | {div} | "
             f"{_latency_cell(r)} | {r['parameters'] / 1e6:.2f}M |")
+    lines += _by_command_table(document["policies"])
     if any("latency_batch1_graph" in r for r in document["policies"].values()):
         lines.append("")
         lines.append("Latency: batch-1 decision, eager; 'graph' = the whole decision replayed from one CUDA graph, "
@@ -688,6 +694,25 @@ def markdown_table(document: Mapping[str, Any]) -> str:
         values = ", ".join(f"{k} {v:.3f}" for k, v in t.items() if isinstance(v, float))
         lines.append(f"- {name}: {'met' if t['met'] else 'NOT met'} ({values})")
     return "\n".join(lines) + "\n"
+
+
+def _by_command_table(policies: Mapping[str, Any]) -> list[str]:
+    """Closed-loop PDMS / DAC / collision rate per scenario and route command (lines of a markdown table; none for
+    results that predate the breakdown)."""
+    rows = {name: r["closed_loop_by_command"] for name, r in policies.items() if "closed_loop_by_command" in r}
+    if not rows:
+        return []
+    columns = [(s, c) for s in SCENARIOS for c in COMMANDS if any(c in rows[name].get(s, {}) for name in rows)]
+    lines = ["", "Closed loop by route command, PDMS / DAC / collisions:", "",
+             "| policy | " + " | ".join(f"{s} {c}" for s, c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, by_command in rows.items():
+        cells = []
+        for s, c in columns:
+            r = by_command.get(s, {}).get(c)
+            cells.append("-" if r is None else
+                         f"{r['pdms']['mean']:.2f} / {r['dac']['mean']:.2f} / {r['collision']['mean']:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def machine_info() -> dict[str, Any]:
