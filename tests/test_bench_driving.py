@@ -21,6 +21,7 @@ from trajgen.bench.driving import (
     combine_seeds,
     ensure_data,
     held_out_scene_seeds,
+    interleaved_decision_latencies,
     mean_se,
     remeasure_latency,
     run_driving_benchmark,
@@ -193,6 +194,27 @@ def test_latency_can_be_remeasured_on_a_finished_run(quick_demo: Path) -> None:
         assert result["latency_batch1"]["repeats"] == 3 and result["latency_batch1"]["median_ms"] > 0
         assert result["open_loop"] == before["policies"][name]["open_loop"]  # only the timing changes
     assert json.loads((quick_demo / "results.json").read_text())["policies"] == after["policies"]
+
+
+def test_latencies_are_timed_in_interleaved_blocks() -> None:
+    """Policies are timed block by block in turn (a, b, a, b, ...), each ``repeats`` times after 3 warm-up calls."""
+    calls: list[str] = []
+
+    class Recorder:
+        device = torch.device("cpu")
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def plan(self, obs: dict) -> None:
+            assert len(obs["ego"]) == 1  # batch 1: the first observation only
+            calls.append(self.name)
+
+    out = interleaved_decision_latencies({"a": Recorder("a"), "b": Recorder("b")}, {"ego": np.zeros((4, 4))},
+                                         repeats=7, rounds=3)
+    assert calls == ["a"] * 3 + ["b"] * 3 + (["a"] * 3 + ["b"] * 3) + (["a"] * 2 + ["b"] * 2) * 2
+    assert out["a"]["repeats"] == out["b"]["repeats"] == 7
+    assert 0 <= out["a"]["median_ms"] <= out["a"]["p99_ms"]
 
 
 def test_trajgen_throughput_counts_every_vehicle_step() -> None:

@@ -19,6 +19,7 @@ One run (:func:`run_driving_benchmark`):
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -301,19 +302,37 @@ def plan_batched(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], *, modes:
 def decision_latency(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repeats: int) -> dict[str, float]:
     """Median and p99 wall time (ms) of one eager batch-1 decision (the plan the agent executes) on the first
     observation of ``obs`` ([R, ...]), after warm-up."""
+    return interleaved_decision_latencies({"policy": policy}, obs, repeats)["policy"]
+
+
+def interleaved_decision_latencies(policies: Mapping[str, DrivingPolicy], obs: Mapping[str, np.ndarray],
+                                   repeats: int, rounds: int = 10) -> dict[str, dict[str, float]]:
+    """:func:`decision_latency` of several policies, timed in ``rounds`` interleaved blocks (policy A's block, B's,
+    ..., then A's again) so that a host whose speed drifts slows every policy alike and their ratio stays fair.
+
+    Returns ``{name: {"median_ms", "p99_ms", "repeats"}}`` over ``repeats`` timed decisions per policy."""
     one = {k: v[:1] for k, v in obs.items()}
-    kwargs = {"n_modes": 1} if isinstance(policy, VanillaDiffusionPolicy) else {}
-    sync = torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        policy.plan(one, **kwargs)
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        policy.plan(one, **kwargs)
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "p99_ms": float(np.percentile(times, 99)), "repeats": repeats}
+    calls = {name: functools.partial(policy.plan, one, **({"n_modes": 1} if isinstance(policy, VanillaDiffusionPolicy)
+                                                           else {}))
+             for name, policy in policies.items()}
+    syncs = {name: torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
+             for name, policy in policies.items()}
+    for call in calls.values():
+        for _ in range(3):
+            call()
+    rounds = max(1, min(rounds, repeats))
+    block_sizes = [repeats // rounds + (i < repeats % rounds) for i in range(rounds)]
+    times: dict[str, list[float]] = {name: [] for name in policies}
+    for size in block_sizes:
+        for name, call in calls.items():
+            for _ in range(size):
+                syncs[name]()
+                start = time.perf_counter()
+                call()
+                syncs[name]()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"median_ms": statistics.median(t), "p99_ms": float(np.percentile(t, 99)), "repeats": repeats}
+            for name, t in times.items()}
 
 
 def graphed_decision_latency(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repeats: int,
@@ -506,10 +525,12 @@ def remeasure_latency(config: DrivingBenchConfig) -> dict[str, Any]:
     test_obs = latency_observations(config)
     policies = {name: DrivingPolicy.load(out / name / "policy.safetensors", map_location=_device(config))
                 for name in document["policies"]}
-    # every eager figure first: a failed graph capture cannot then cost the eager numbers of the next policy
+    # every eager figure first (interleaved, so host drift cannot bias the ratios): a failed graph capture cannot
+    # then cost the eager numbers of the next policy
+    eager = interleaved_decision_latencies(policies, test_obs, config.latency_repeats)
     for name, result in document["policies"].items():
         result.pop("latency_batch1_graph", None)  # a CPU remeasure must not keep an old GPU figure
-        result["latency_batch1"] = decision_latency(policies[name], test_obs, config.latency_repeats)
+        result["latency_batch1"] = eager[name]
     for name, result in document["policies"].items():
         result.update(batch1_latencies(policies[name], test_obs, config.latency_repeats, eager=False))
     document["machine"] = machine_info()
