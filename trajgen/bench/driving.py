@@ -312,9 +312,9 @@ def interleaved_decision_latencies(policies: Mapping[str, DrivingPolicy], obs: M
 
     Returns ``{name: {"median_ms", "p99_ms", "repeats"}}`` over ``repeats`` timed decisions per policy."""
     one = {k: v[:1] for k, v in obs.items()}
-    calls = {name: functools.partial(policy.plan, one, **({"n_modes": 1} if isinstance(policy, VanillaDiffusionPolicy)
-                                                           else {}))
-             for name, policy in policies.items()}
+    # the plan the agent executes: one mode of the vanilla policy, whatever its diversity setting
+    calls = {name: functools.partial(policy.plan, one, n_modes=1) if isinstance(policy, VanillaDiffusionPolicy)
+             else functools.partial(policy.plan, one) for name, policy in policies.items()}
     syncs = {name: torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
              for name, policy in policies.items()}
     for call in calls.values():
