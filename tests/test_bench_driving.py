@@ -84,6 +84,8 @@ def test_bench_config_refuses_unknown_policies() -> None:
         DrivingBenchConfig(policies=("anchored", "vanila"))
     with pytest.raises(ValueError, match="anchor_space must be one of"):
         DrivingBenchConfig(anchor_space="meters")
+    with pytest.raises(ValueError, match="anchor_heading must be one of"):
+        DrivingBenchConfig(anchor_heading="noisy")
 
 
 def test_normalised_anchor_space_clusters_in_the_normaliser_half_ranges() -> None:
@@ -95,6 +97,9 @@ def test_normalised_anchor_space_clusters_in_the_normaliser_half_ranges() -> Non
         policy = build_policy("anchored", dataclasses.replace(config, anchor_space=space), plans)
         expected = kmeans_anchors(plans, k=policy.config.n_anchors, seed=config.seed, position_scale=scale)
         torch.testing.assert_close(policy.anchors, expected)
+    for heading in ("predicted", "diffused"):
+        assert build_policy("anchored", dataclasses.replace(config, anchor_heading=heading), plans
+                            ).config.heading == heading
 
 
 @pytest.fixture(scope="module")

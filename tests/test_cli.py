@@ -76,3 +76,14 @@ def test_bench_driving_passes_the_anchor_space(driving_config_seen, tmp_path):
     assert seen["config"].anchor_space == "normalised"
     result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--anchor-space", "meters"])
     assert isinstance(result.exception, ValueError) and "anchor_space" in str(result.exception)
+
+
+def test_bench_driving_passes_the_anchor_heading(driving_config_seen, tmp_path):
+    seen = driving_config_seen
+    runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path)])
+    assert seen["config"].anchor_heading == "predicted"
+    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--anchor-heading", "diffused"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"].anchor_heading == "diffused"
+    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--anchor-heading", "noisy"])
+    assert isinstance(result.exception, ValueError) and "anchor_heading" in str(result.exception)

@@ -141,27 +141,29 @@ def test_the_checks_catch_what_a_graph_cannot_hold() -> None:
 
 def test_plan_outputs_match_the_unvalidated_path_and_an_independent_anchor_noising() -> None:
     """plan() = validate once + _plan; the anchored start state is alpha(t_start) anchors + sigma(t_start) noise
-    of the schedule, and the plan is the mode with the highest score."""
+    of the schedule over the anchors' (x, y), the headings are the last call's, and the plan is the mode with the
+    highest score."""
     policy = small_policies()["anchored"]
     obs = observation(3, seed=1)
-    noise = torch.randn(3, 20, 8, 3, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(3, 20, 8, 2, generator=torch.Generator().manual_seed(1))
     decision = policy.plan(obs, noise=noise)
     t = torch.full((3,), float(policy.schedule.time_of_step(policy.config.start_step)))
-    anchors = policy.normalizer.normalize(policy.anchors).expand(3, -1, -1, -1)
+    anchors = policy.normalizer.normalize(policy.anchors)[..., :2].expand(3, -1, -1, -1)
     x_start = policy.schedule.add_noise(anchors, t, noise)
-    seen: list[torch.Tensor] = []
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         scene_tokens = policy.encoder(obs)  # the validating forward
         scene = SceneContext.split(*scene_tokens, policy.encoder)
 
         def denoiser(x_t: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
             plans, logits = policy.decoder(x_t, time, scene, every_stage=False)[-1]
-            seen.append(logits)
-            return plans
+            seen.append((plans, logits))
+            return plans[..., :2]
 
-        reference = policy.normalizer.denormalize(policy.sampler(denoiser, x_start))
+        xy = policy.sampler(denoiser, x_start)
+        reference = policy.normalizer.denormalize(torch.cat([xy, seen[-1][0][..., 2:]], dim=-1))
     torch.testing.assert_close(decision.modes, reference, atol=1e-6, rtol=0)
-    torch.testing.assert_close(decision.scores, torch.sigmoid(seen[-1]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(decision.scores, torch.sigmoid(seen[-1][1]), atol=1e-6, rtol=0)
     best = decision.scores.argmax(-1)
     torch.testing.assert_close(decision.trajectory, reference[torch.arange(3), best], atol=0, rtol=0)
 

@@ -137,6 +137,12 @@ def test_normalizer_round_trip_and_bounds() -> None:
     x = torch.tensor([[0.0, -10.0, -1.0], [50.0, 10.0, 1.0], [25.0, 0.0, 0.0]])
     torch.testing.assert_close(norm.normalize(x), torch.tensor([[-1.0] * 3, [1.0] * 3, [0.0] * 3]))
     torch.testing.assert_close(norm.denormalize(norm.normalize(x)), x)
+    # a slice of the coordinates: (x, y) alone, or the heading alone (first=2)
+    torch.testing.assert_close(norm.normalize(x[:, :2]), norm.normalize(x)[:, :2])
+    torch.testing.assert_close(norm.normalize(x[:, 2:], first=2), norm.normalize(x)[:, 2:])
+    torch.testing.assert_close(norm.denormalize(torch.tensor([[1.0]]), first=2), torch.tensor([[1.0]]))
+    with pytest.raises(ValueError, match="not among"):
+        norm.normalize(x, first=1)
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -216,43 +222,54 @@ def test_truncated_training_draws_only_steps_below_truncation() -> None:
 
 
 class IdentityDecoder(nn.Module):
-    """x0 = x_t / alpha(t) (exact for zero noise), logits favouring one anchor; records its calls."""
+    """x0 = x_t / alpha(t) (exact for zero noise) for the diffused coordinates, the given normalised headings
+    [K, H, 1] when x_t has no heading, logits favouring one anchor; records its calls."""
 
-    def __init__(self, schedule, favourite: int, n_anchors: int, stages: int = 2) -> None:
+    def __init__(self, schedule, favourite: int, n_anchors: int, heading: torch.Tensor, stages: int = 2) -> None:
         super().__init__()
         self.schedule, self.favourite, self.n_anchors, self.stages = schedule, favourite, n_anchors, stages
+        self.heading = heading
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, x_t, t, scene, every_stage=True, classify=True):
         self.calls.append((x_t.clone(), t.clone()))
         x0 = x_t / self.schedule.alpha(t.double()).float().view(-1, 1, 1, 1)
+        if x0.shape[-1] == 2:
+            x0 = torch.cat([x0, self.heading.expand(x0.shape[0], -1, -1, -1)], dim=-1)
         logits = torch.full((x_t.shape[0], self.n_anchors), -3.0)
         logits[:, self.favourite] = 3.0
         return [(x0, logits if classify else None)] * self.stages
 
 
-@pytest.mark.parametrize("steps", [2, 3])
-def test_anchored_inference_starts_from_noised_anchors_and_calls_the_network_steps_times(steps: int) -> None:
-    policy = small_anchored(steps=steps)
-    stub = IdentityDecoder(policy.schedule, favourite=2, n_anchors=4)
+@pytest.mark.parametrize(("steps", "heading"), [(2, "predicted"), (3, "predicted"), (2, "diffused")])
+def test_anchored_inference_starts_from_noised_anchors_and_calls_the_network_steps_times(steps: int, heading: str
+                                                                                         ) -> None:
+    """The sampler starts from alpha * anchor + sigma * noise over the diffused coordinates (x, y, and the heading
+    only when it is diffused); with zero noise and an exact denoiser the modes are the anchors."""
+    policy = small_anchored(steps=steps, heading=heading)
+    dims = 2 if heading == "predicted" else 3
+    normalized = policy.normalizer.normalize(policy.anchors)
+    stub = IdentityDecoder(policy.schedule, favourite=2, n_anchors=4, heading=normalized[..., 2:])
     policy.decoder = stub
     obs = random_obs(3)
-    plan = policy.plan(obs, noise=torch.zeros(3, 4, 8, 3))
+    plan = policy.plan(obs, noise=torch.zeros(3, 4, 8, dims))
     assert policy.nfe == steps and len(stub.calls) == steps
     first_x, first_t = stub.calls[0]
     alpha8 = float(policy.schedule.alpha(torch.tensor(9 / 1000, dtype=torch.float64)))
     torch.testing.assert_close(first_t, torch.full((3,), 9 / 1000))  # step 8 sits at t = 9 / 1000
-    torch.testing.assert_close(first_x, alpha8 * policy.normalizer.normalize(policy.anchors).expand(3, -1, -1, -1))
+    torch.testing.assert_close(first_x, alpha8 * normalized[..., :dims].expand(3, -1, -1, -1))
     torch.testing.assert_close(plan.modes, policy.anchors.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
     torch.testing.assert_close(plan.trajectory, policy.anchors[2].expand(3, -1, -1), atol=1e-4, rtol=0)
     assert plan.scores.shape == (3, 4) and bool((plan.scores.argmax(-1) == 2).all())
     # with real noise the start is alpha * anchor + sigma * noise
-    noise = torch.randn(3, 4, 8, 3)
+    noise = torch.randn(3, 4, 8, dims)
     stub.calls.clear()
     policy.plan(obs, noise=noise)
     sigma8 = float(policy.schedule.sigma(torch.tensor(9 / 1000, dtype=torch.float64)))
-    expected = alpha8 * policy.normalizer.normalize(policy.anchors) + sigma8 * noise
+    expected = alpha8 * normalized[..., :dims] + sigma8 * noise
     torch.testing.assert_close(stub.calls[0][0], expected)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        policy.plan(obs, noise=torch.zeros(3, 4, 8, 5 - dims))
 
 
 def test_classifying_only_the_last_stage_changes_nothing_it_returns() -> None:
@@ -261,7 +278,7 @@ def test_classifying_only_the_last_stage_changes_nothing_it_returns() -> None:
     obs = random_obs(2, generator=g)
     with torch.no_grad():
         scene = SceneContext.split(*policy.encoder(obs), policy.encoder)
-        x_t = torch.randn(2, 4, 8, 3, generator=g) * 0.3
+        x_t = torch.randn(2, 4, 8, 2, generator=g) * 0.3
         t = torch.full((2,), 0.009)
         full = policy.decoder(x_t, t, scene)
         fast = policy.decoder(x_t, t, scene, every_stage=False)
@@ -269,6 +286,47 @@ def test_classifying_only_the_last_stage_changes_nothing_it_returns() -> None:
     for (plans_a, logits_a), (plans_b, logits_b) in zip(full, fast, strict=True):
         torch.testing.assert_close(plans_a, plans_b, rtol=0, atol=0)
     torch.testing.assert_close(full[-1][1], fast[-1][1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("heading", ["predicted", "diffused"])
+def test_decoder_stage_adds_offsets_to_the_diffused_coordinates_and_predicts_the_heading(heading: str) -> None:
+    """With a regression head that outputs a constant (zero weights, bias b), a stage returns input + b for the
+    diffused coordinates; a predicted heading is pi * tanh(b_heading) radians whatever the input, as DiffusionDrive."""
+    torch.manual_seed(0)
+    policy = small_anchored(heading=heading).eval()
+    stage = policy.decoder.stages[0]
+    bias = torch.randn(8, 3) * torch.tensor([0.1, 0.1, 2.0])
+    with torch.no_grad():
+        stage.reg_head[-1].weight.zero_()
+        stage.reg_head[-1].bias.copy_(bias.flatten())
+        scene = SceneContext.split(*policy.encoder(random_obs(2)), policy.encoder)
+        dims = policy.config.diffused_dims
+        plans = torch.rand(2, 4, 8, dims) * 2 - 1
+        query = torch.randn(2, 4, policy.config.d_model)
+        _, clean, _ = stage(query, plans, scene, torch.randn(2, policy.config.d_model))
+    assert clean.shape == (2, 4, 8, 3)
+    torch.testing.assert_close(clean[..., :dims], plans + bias[:, :dims])
+    if heading == "predicted":
+        radians = policy.normalizer.denormalize(clean)[..., 2]
+        torch.testing.assert_close(radians, (math.pi * torch.tanh(bias[:, 2])).expand(2, 4, -1))
+
+
+def test_an_anchored_checkpoint_older_than_the_heading_field_loads_as_diffused(tmp_path) -> None:
+    """Anchored files written before ``heading`` existed diffused the heading: they load with heading='diffused'
+    and plan as they did."""
+    torch.manual_seed(0)
+    policy = small_anchored(heading="diffused").eval()
+    old_config = {k: v for k, v in policy.config.to_dict().items() if k != "heading"}
+    metadata = {"format": "pt", "algorithm": policy.algorithm, "config": json.dumps(old_config)}
+    path = tmp_path / "old.safetensors"
+    safetensors.torch.save_file(policy.state_dict(), str(path), metadata=metadata)
+    loaded = DrivingPolicy.load(path)
+    assert loaded.config.heading == "diffused" and loaded.config == policy.config
+    obs = random_obs(2)
+    noise = torch.randn(2, 4, 8, 3)
+    assert torch.equal(loaded.plan(obs, noise=noise).modes, policy.plan(obs, noise=noise).modes)
+    with pytest.raises(ValueError, match="heading"):
+        small_anchored().load_weights(path)
 
 
 def test_anchored_plan_is_reproducible_with_a_generator() -> None:
@@ -445,6 +503,8 @@ def test_unet_vanilla_is_conditioned_on_the_pooled_scene_and_round_trips(tmp_pat
         dit.load_weights(path)
     with pytest.raises(ValueError, match="denoiser must be one of"):
         VanillaDiffusionConfig(**SMALL, denoiser="transformer")
+    with pytest.raises(ValueError, match="heading must be one of"):
+        AnchoredDiffusionConfig(**SMALL, heading="regressed")
 
 
 @pytest.mark.parametrize(("config_class", "field", "value", "expected"), [

@@ -74,6 +74,8 @@ def bench_driving(
                    "'vanilla-unet' adds the vanilla policy with DiffusionDrive's TransfuserDP U-Net)"),
     anchor_space: str = typer.Option("metres", help="k-means space of the anchors: metres (DiffusionDrive) | "
                                                     "normalised (x, y over the plan normaliser's half ranges)"),
+    anchor_heading: str = typer.Option("predicted", help="the anchored policy's heading: predicted (DiffusionDrive: "
+                                                         "only x, y diffused) | diffused (with x, y)"),
 ) -> None:
     """DiffusionDrive's comparison in trajgen's simulator: anchored truncated diffusion vs vanilla diffusion vs
     regression (PDMS open and closed loop, mode diversity, latency), plus simulator throughput vs highway-env."""
@@ -83,7 +85,8 @@ def bench_driving(
                                 train_steps=train_steps, batch_size=batch_size, d_model=d_model,
                                 closed_loop_episodes=episodes, open_loop_rows=open_loop_rows, device=device,
                                 seed=seed, training_seeds=tuple(training_seed or ()),
-                                policies=tuple(policy or POLICY_NAMES), anchor_space=anchor_space)
+                                policies=tuple(policy or POLICY_NAMES), anchor_space=anchor_space,
+                                anchor_heading=anchor_heading)
     _run_driving(config, throughput_seconds=5.0)
 
 

@@ -45,6 +45,7 @@ from trajgen.envs.driving.sim import COMMANDS, SCENARIOS
 from trajgen.nets import count_parameters
 from trajgen.policies.anchors import kmeans_anchors, trajectory_bounds
 from trajgen.policies.driving import (
+    ANCHOR_HEADINGS,
     OBSERVATION_KEYS,
     AnchoredDiffusionConfig,
     AnchoredDiffusionPolicy,
@@ -101,6 +102,9 @@ class DrivingBenchConfig:
     anchor_space: str = "metres"
     """where k-means clusters the anchored policy's anchors: 'metres' (DiffusionDrive) or 'normalised' (x and y
     divided by the plan normaliser's half ranges, which gives turns more of the K anchors)."""
+    anchor_heading: str = "predicted"
+    """the anchored policy's ``AnchoredDiffusionConfig.heading``: 'predicted' (DiffusionDrive: only x, y are
+    diffused) or 'diffused' (the heading too, as trajgen's tables before 2026-11-27)."""
     open_loop_rows: int = 4000
     """held-out logged ticks scored open-loop (all of them if fewer)."""
     diversity_rows: int = 256
@@ -133,6 +137,8 @@ class DrivingBenchConfig:
             raise ValueError(f"policies: unknown {unknown}; expected names from {KNOWN_POLICIES}")
         if self.anchor_space not in ANCHOR_SPACES:
             raise ValueError(f"anchor_space must be one of {ANCHOR_SPACES}, got {self.anchor_space!r}")
+        if self.anchor_heading not in ANCHOR_HEADINGS:
+            raise ValueError(f"anchor_heading must be one of {ANCHOR_HEADINGS}, got {self.anchor_heading!r}")
         if len(set(self.training_seeds)) != len(self.training_seeds):
             raise ValueError(f"training_seeds must be distinct, got {list(self.training_seeds)}")
 
@@ -208,7 +214,8 @@ def build_policy(name: str, config: DrivingBenchConfig, train_plans: np.ndarray,
         half_range = (np.asarray(high[:2]) - np.asarray(low[:2])) / 2
         anchors = kmeans_anchors(train_plans, k=AnchoredDiffusionConfig.n_anchors, seed=_training_seed(config, seed),
                                  position_scale=half_range if config.anchor_space == "normalised" else None)
-        return AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**shared), anchors=anchors)
+        return AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**shared, heading=config.anchor_heading),
+                                       anchors=anchors)
     if name == "vanilla":
         return VanillaDiffusionPolicy(VanillaDiffusionConfig(**shared, denoiser_width=config.d_model))
     if name == "vanilla-unet":

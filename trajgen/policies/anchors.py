@@ -99,13 +99,23 @@ class TrajectoryNormalizer(nn.Module):
         self.register_buffer("low", low_t, persistent=False)
         self.register_buffer("high", high_t, persistent=False)
 
-    def normalize(self, trajectory: Tensor) -> Tensor:
-        """[..., 3] metres/radians -> [..., 3] in [-1, 1] inside the bounds."""
-        return 2.0 * (trajectory - self.low) / (self.high - self.low) - 1.0
+    def normalize(self, trajectory: Tensor, first: int = 0) -> Tensor:
+        """[..., C] metres/radians -> [..., C] in [-1, 1] inside the bounds. The C values are the coordinates
+        ``first`` .. ``first + C - 1`` of (x, y, heading): [..., 3] whole poses, [..., 2] (x, y), or ``first=2``
+        with [..., 1] the heading alone."""
+        low, high = self._bounds(trajectory, first)
+        return 2.0 * (trajectory - low) / (high - low) - 1.0
 
-    def denormalize(self, normalized: Tensor) -> Tensor:
-        """Inverse of :meth:`normalize`: [..., 3] -> [..., 3] metres/radians."""
-        return (normalized + 1.0) * 0.5 * (self.high - self.low) + self.low
+    def denormalize(self, normalized: Tensor, first: int = 0) -> Tensor:
+        """Inverse of :meth:`normalize`: [..., C] -> [..., C] metres/radians."""
+        low, high = self._bounds(normalized, first)
+        return (normalized + 1.0) * 0.5 * (high - low) + low
+
+    def _bounds(self, values: Tensor, first: int) -> tuple[Tensor, Tensor]:
+        end = first + values.shape[-1]
+        if first < 0 or end > 3:
+            raise ValueError(f"coordinates {first}..{end - 1} are not among (x, y, heading) = 0..2")
+        return self.low[first:end], self.high[first:end]
 
 
 def trajectory_bounds(trajectories: np.ndarray | Tensor, margin: float = 0.1) -> tuple[list[float], list[float]]:

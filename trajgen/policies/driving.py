@@ -4,10 +4,11 @@ All three read the same ego-frame observation (``trajgen.policies.scene_encoder`
 ``horizon`` poses (x, y, heading) at 0.5 s spacing; they share one API (:class:`DrivingPolicy`):
 ``loss(batch) -> {"loss": ...}``, ``plan(obs) -> DrivingPlan``, ``nfe``, ``save`` / ``load``.
 
-- :class:`AnchoredDiffusionPolicy` (Liao et al. 2025, DiffusionDrive): K k-means anchors are noised to a small
-  step (t < 50 of a 1000-step scaled-linear DDPM schedule in training, step 8 at inference) and a 2-stage
-  cascade decoder predicts the clean plan and a confidence per anchor; sampling is 2 DDIM steps (x0
-  prediction) through ``trajgen.solvers`` and the most confident anchor's plan is returned.
+- :class:`AnchoredDiffusionPolicy` (Liao et al. 2025, DiffusionDrive): the (x, y) waypoints of K k-means
+  anchors are noised to a small step (t < 50 of a 1000-step scaled-linear DDPM schedule in training, step 8 at
+  inference) and a 2-stage cascade decoder predicts the clean waypoints, a heading per pose and a confidence per
+  anchor; sampling is 2 DDIM steps (x0 prediction) through ``trajgen.solvers`` and the most confident anchor's
+  plan is returned.
 - :class:`VanillaDiffusionPolicy`: a DiT-1d denoiser with cross-attention to the scene tokens, full-range
   diffusion, 20 DDIM steps from pure noise.
 - :class:`RegressionPolicy`: one learned query attending to the scene, an MLP head, L1 loss (Transfuser's head).
@@ -127,6 +128,9 @@ class DrivingPolicyConfig:
         return [(k, mine.get(k), v) for k, v in theirs.items() if mine.get(k) != v]
 
 
+ANCHOR_HEADINGS = ("predicted", "diffused")
+
+
 @dataclass
 class AnchoredDiffusionConfig(DrivingPolicyConfig):
     """Truncated anchored diffusion (DiffusionDrive's defaults)."""
@@ -163,9 +167,17 @@ class AnchoredDiffusionConfig(DrivingPolicyConfig):
     """initial confidence of every anchor (classifier bias = logit of it)"""
     point_embedding_dim: int = 32
     """sinusoidal features per pose coordinate in the anchor-query embedding"""
+    heading: str = "predicted"
+    """'predicted' (DiffusionDrive): the diffusion runs over the (x, y) waypoints only and every decoder stage
+    regresses the heading outright, as pi * tanh; 'diffused': the heading is a third diffused coordinate that each
+    stage refines by an offset, as x and y (trajgen's first version: its decoder learned to pass the start noise
+    through to the heading, about 0.05 rad per pose)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.heading not in ANCHOR_HEADINGS:
+            raise ValueError(f"AnchoredDiffusionConfig.heading must be one of {ANCHOR_HEADINGS}, got "
+                             f"{self.heading!r}")
         if self.n_anchors < 1 or self.stages < 1 or self.steps < 1:
             raise ValueError(f"n_anchors, stages, steps must be >= 1, got {self.n_anchors}, {self.stages}, "
                              f"{self.steps}")
@@ -174,6 +186,17 @@ class AnchoredDiffusionConfig(DrivingPolicyConfig):
                              f"got {self.start_step}, {self.truncation_steps}, {self.diffusion_steps}")
         if self.point_embedding_dim < 2 or self.point_embedding_dim % 2:
             raise ValueError(f"point_embedding_dim must be even and >= 2, got {self.point_embedding_dim}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> AnchoredDiffusionConfig:
+        """As :meth:`DrivingPolicyConfig.from_dict`; a saved dict without ``heading`` predates that field, when
+        every anchored policy diffused the heading, so it loads as ``heading='diffused'``."""
+        return super().from_dict({"heading": "diffused", **values})  # type: ignore[return-value]
+
+    @property
+    def diffused_dims(self) -> int:
+        """Pose coordinates the diffusion runs over: 2 (x, y) when the heading is predicted, else 3."""
+        return 2 if self.heading == "predicted" else POSE_DIM
 
 
 VANILLA_DENOISERS = ("dit", "unet")
@@ -538,17 +561,17 @@ def _sine_frequencies(dim: int, device: torch.device, dtype: torch.dtype) -> Ten
 
 
 class AnchorQueryEncoder(nn.Module):
-    """Plans [B, K, H, 3] (metres, radians) -> one query per plan [B, K, D]: sine features of every pose
-    coordinate, flattened, then Linear-ReLU-LN-Linear."""
+    """Plans [B, K, H, C] (metres, radians; C = ``coordinates``) -> one query per plan [B, K, D]: sine features of
+    every pose coordinate, flattened, then Linear-ReLU-LN-Linear."""
 
-    def __init__(self, horizon: int, embedding_dim: int, width: int) -> None:
+    def __init__(self, horizon: int, embedding_dim: int, width: int, coordinates: int = POSE_DIM) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
-        self.net = nn.Sequential(nn.Linear(horizon * POSE_DIM * embedding_dim, width), nn.ReLU(),
+        self.net = nn.Sequential(nn.Linear(horizon * coordinates * embedding_dim, width), nn.ReLU(),
                                  nn.LayerNorm(width), nn.Linear(width, width))
 
     def forward(self, plans: Tensor) -> Tensor:
-        """[B, K, H, 3] -> [B, K, D]."""
+        """[B, K, H, C] -> [B, K, D]."""
         return self.net(sine_embedding(plans, self.embedding_dim).flatten(-3))
 
 
@@ -557,13 +580,16 @@ class DecoderStage(nn.Module):
 
     queries -> cross-attn to agent tokens -> cross-attn to map (ego + lane) tokens -> + ego token (DiffusionDrive's
     cross-attention to its single ego query, which is a projection of that query) -> FFN -> timestep FiLM ->
-    classification logit per plan and an offset added to the stage's input plan (normalised coordinates).
+    classification logit per plan, an offset added to the stage's input (the diffused coordinates, normalised)
+    and, with ``heading='predicted'``, the heading itself: pi * tanh of the head's output (DiffusionDrive).
     """
 
     def __init__(self, config: AnchoredDiffusionConfig) -> None:
         super().__init__()
         width, heads = config.d_model, config.heads
         self.horizon = config.horizon
+        self.predicts_heading = config.heading == "predicted"
+        self.normalizer = TrajectoryNormalizer(config.norm_low, config.norm_high)
         self.agent_attn = Attention(width, heads, dropout=config.dropout)
         self.map_attn = Attention(width, heads, dropout=config.dropout)
         self.ego_proj = nn.Linear(width, width)
@@ -581,15 +607,20 @@ class DecoderStage(nn.Module):
 
     def forward(self, query: Tensor, plans: Tensor, scene: SceneContext, time_emb: Tensor, classify: bool = True
                 ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """query [B, K, D], plans [B, K, H, 3] (normalised), time_emb [B, D]
+        """query [B, K, D], plans [B, K, H, C] (the C diffused coordinates, normalised), time_emb [B, D]
         -> (features [B, K, D], clean plans [B, K, H, 3] normalised, logits [B, K] or None unless ``classify``)."""
         h = self.norm1(query + self.agent_attn(query, scene.agents, key_mask=scene.agents_mask))
         h = self.norm2(h + self.map_attn(h, scene.map, key_mask=scene.map_mask) + self.ego_proj(scene.map[:, :1]))
         h = self.norm3(h + self.ffn(h))
         shift, scale = self.film(time_emb).chunk(2, dim=-1)
         h = modulate(h, shift, scale)
-        offsets = self.reg_head(h).unflatten(-1, (self.horizon, POSE_DIM))
-        return h, plans + offsets, self.cls_head(h).squeeze(-1) if classify else None
+        raw = self.reg_head(h).unflatten(-1, (self.horizon, POSE_DIM))
+        if self.predicts_heading:
+            heading = self.normalizer.normalize(math.pi * torch.tanh(raw[..., 2:]), first=2)
+            clean = torch.cat([plans + raw[..., :2], heading], dim=-1)
+        else:
+            clean = plans + raw
+        return h, clean, self.cls_head(h).squeeze(-1) if classify else None
 
 
 @dataclass
@@ -616,15 +647,18 @@ class SceneContext:
 
 class CascadeDecoder(nn.Module):
     """Noisy plans -> per-stage (clean plans, logits). Stage 1 starts from the (clamped) noisy plans; stage s + 1
-    from stage s's prediction (detached, as DiffusionDrive) and its query features.
+    from stage s's prediction of the diffused coordinates (detached, as DiffusionDrive) and its query features.
 
-    `forward(x_t [B, K, H, 3] normalised, t [B], scene) -> list over stages of (plans [B, K, H, 3], logits [B, K])`.
+    `forward(x_t [B, K, H, C] normalised, t [B], scene) -> list over stages of (plans [B, K, H, 3], logits [B, K])`,
+    C = ``config.diffused_dims`` (2: x, y; or 3 with the heading).
     """
 
     def __init__(self, config: AnchoredDiffusionConfig) -> None:
         super().__init__()
         self.normalizer = TrajectoryNormalizer(config.norm_low, config.norm_high)
-        self.query_encoder = AnchorQueryEncoder(config.horizon, config.point_embedding_dim, config.d_model)
+        self.diffused_dims = config.diffused_dims
+        self.query_encoder = AnchorQueryEncoder(config.horizon, config.point_embedding_dim, config.d_model,
+                                                self.diffused_dims)
         self.time_embedding = TimeEmbedding(config.d_model, activation="mish")
         self.stages = nn.ModuleList(DecoderStage(config) for _ in range(config.stages))
 
@@ -641,7 +675,7 @@ class CascadeDecoder(nn.Module):
             query = self.query_encoder(self.normalizer.denormalize(plans)) + features
             features, predicted, logits = stage(query, plans, scene, time_emb, classify=classify and (every_stage or index == last))
             outputs.append((predicted, logits))
-            plans = predicted.detach()
+            plans = predicted[..., : self.diffused_dims].detach()
         return outputs
 
 
@@ -651,7 +685,8 @@ def _scaled_linear(steps: int, beta_start: float, beta_end: float) -> VPDiscrete
 
 class AnchoredDiffusionPolicy(DrivingPolicy):
     """Truncated anchored diffusion (DiffusionDrive). ``anchors`` [K, H, 3] (see ``kmeans_anchors``) are a
-    buffer saved with the weights; pass None only to load a checkpoint into the policy afterwards."""
+    buffer saved with the weights; pass None only to load a checkpoint into the policy afterwards. With the default
+    ``heading='predicted'`` only the anchors' (x, y) are diffused, as DiffusionDrive's [K, H, 2] plan anchors."""
 
     algorithm = "anchored-diffusion"
     config_class = AnchoredDiffusionConfig
@@ -685,12 +720,13 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
         return self.sampler.nfe
 
     def loss(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Noise every anchor to one step n < truncation_steps per sample; focal loss on the anchor nearest the
-        expert plan + L1 on that anchor's predicted plan, summed over stages."""
+        """Noise every anchor (its diffused coordinates) to one step n < truncation_steps per sample; focal loss on
+        the anchor nearest the expert plan + L1 on that anchor's predicted plan (x, y, heading), summed over
+        stages."""
         obs, expert = self._split_batch(batch)
         scene = SceneContext.split(*self.encoder.encode(obs), self.encoder)
         batch_size, c = expert.shape[0], self.config
-        anchors = self.normalizer.normalize(self.anchors).expand(batch_size, -1, -1, -1)
+        anchors = self._normalized_anchors(batch_size)
         t = sample_times(self.schedule, batch_size, t_max=c.truncation_steps / c.diffusion_steps, device=self.device)
         x_t = self.schedule.add_noise(anchors, t, torch.randn_like(anchors))
         target = nearest_anchor(expert, self.anchors)
@@ -707,34 +743,41 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
 
     def _plan(self, obs: Mapping[str, Tensor], generator: torch.Generator | None, noise: Tensor | None = None
               ) -> DrivingPlan:
-        """Anchors noised to ``start_step`` (``noise`` [B, K, H, 3] overrides the Gaussian draw), ``steps``
-        solver steps, confidences from the last network call; the plan is the most confident mode.
+        """Anchors noised to ``start_step`` (``noise`` [B, K, H, C] overrides the Gaussian draw, C =
+        ``config.diffused_dims``), ``steps`` solver steps; the headings (when predicted) and confidences come from
+        the last network call; the plan is the most confident mode.
 
         obs: validated tensors [B, ...] -> plan [B, H, 3], modes [B, K, H, 3], scores [B, K]. No host sync."""
         tokens, mask = self.encoder.encode(obs)
         scene = SceneContext.split(tokens, mask, self.encoder)
-        batch_size = tokens.shape[0]
-        anchors = self.normalizer.normalize(self.anchors).expand(batch_size, -1, -1, -1)
+        anchors = self._normalized_anchors(tokens.shape[0])
         if noise is None:
             noise = torch.randn(anchors.shape, generator=generator, device=anchors.device)
         elif tuple(noise.shape) != tuple(anchors.shape):
-            raise ValueError(f"noise must have shape [B, K, H, 3] = {list(anchors.shape)}, got {tuple(noise.shape)}")
+            raise ValueError(f"noise must have shape [B, K, H, C] = {list(anchors.shape)}, got {tuple(noise.shape)}")
         # schedule.add_noise(anchors, t_start, noise), with the coefficients computed once on the host
         x_start = self._alpha_start * anchors + self._sigma_start * noise.to(anchors)
-        last_logits: list[Tensor] = []
+        last: list[tuple[Tensor, Tensor | None]] = []
 
         def denoiser(x_t: Tensor, t: Tensor) -> Tensor:
             # only the last call's confidences are used: earlier calls skip the classification head
-            classify = len(last_logits) == self.sampler.nfe - 1
+            classify = len(last) == self.sampler.nfe - 1
             plans, logits = self.decoder(x_t, t.to(x_t.dtype), scene, every_stage=False, classify=classify)[-1]
-            last_logits.append(logits)
-            return plans
+            last.append((plans, logits))
+            return plans[..., : x_t.shape[-1]]
 
-        modes = self.normalizer.denormalize(self.sampler(denoiser, x_start, generator=generator, validate=False))
-        scores = torch.sigmoid(last_logits[-1])
+        sample = self.sampler(denoiser, x_start, generator=generator, validate=False)
+        last_plans, last_logits = last[-1]
+        modes = self.normalizer.denormalize(torch.cat([sample, last_plans[..., sample.shape[-1]:]], dim=-1))
+        scores = torch.sigmoid(last_logits)
         best = scores.argmax(dim=-1)
         plan = torch.take_along_dim(modes, best[:, None, None, None], dim=1)[:, 0]
         return DrivingPlan(plan, modes, scores)
+
+    def _normalized_anchors(self, batch_size: int) -> Tensor:
+        """The anchors' diffused coordinates, normalised, for a batch: [B, K, H, C]."""
+        dims = self.config.diffused_dims
+        return self.normalizer.normalize(self.anchors[..., :dims]).expand(batch_size, -1, -1, -1)
 
 
 # ---------------------------------------------------------------------------------------------- plan query
