@@ -142,6 +142,9 @@ def test_quick_pipeline_end_to_end(quick_demo: Path) -> None:
     table = (quick_demo / "results.md").read_text()
     for name, result in saved["policies"].items():
         assert f"| {name} | {result['nfe']} | {result['open_loop']['all']['pdms']['mean']:.3f}" in table
+        errors = result["open_loop"]["all"]
+        assert errors["ade"]["n"] == errors["heading_error"]["n"] == errors["pdms"]["n"]
+        assert f"{errors['ade']['mean']:.2f} / {errors['fde']['mean']:.2f}, {errors['heading_error']['mean']:.3f}" in table
     assert "Closed loop by route command" in table
     assert saved["simulator_throughput"]["runs"]
     for picture in saved["pictures"].values():

@@ -17,6 +17,7 @@ from trajgen.envs.driving.scoring import (
     episode_scores,
     mode_diversity,
     pdm_scores,
+    plan_errors,
 )
 
 DT = 0.1
@@ -316,6 +317,25 @@ def test_mode_diversity_closed_forms_and_raster_reference() -> None:
     apart = np.stack([_straight_mode(30.0) + [0, dy, 0] for dy in (-10.0, 0.0, 10.0)])
     for modes in (np.stack([left, right, _straight_mode(30.0)]), apart):
         assert mode_diversity(modes[None], SHAPE, substeps=4)[0] == pytest.approx(_raster_diversity(modes), abs=0.005)
+
+
+def test_plan_errors_closed_forms() -> None:
+    """A plan shifted by (3, 4) m at its last pose only and turned by 0.1 rad everywhere, and one whose heading
+    differs by 2 pi - 0.2 (0.2 on the circle)."""
+    expert = np.stack([_straight_mode(30.0)] * 2)
+    plans = expert.copy()
+    plans[0, -1, :2] += [3.0, 4.0]
+    plans[0, :, 2] += 0.1
+    plans[1, :, 2] += 2 * math.pi - 0.2
+    errors = plan_errors(plans, expert)
+    horizon = expert.shape[1]
+    np.testing.assert_allclose(errors["ade"], [5.0 / horizon, 0.0], atol=1e-12)
+    np.testing.assert_allclose(errors["fde"], [5.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(errors["heading_error"], [0.1, 0.2], atol=1e-12)
+    with pytest.raises(ValueError, match="expert must have shape"):
+        plan_errors(plans, expert[:, :-1])
+    with pytest.raises(ValueError, match="finite"):
+        plan_errors(np.full_like(plans, np.nan), expert)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -607,6 +607,32 @@ def aggregate(scores: dict[str, FloatArray]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# displacement errors
+
+
+PLAN_ERROR_KEYS = ("ade", "fde", "heading_error")
+
+
+def plan_errors(plans: ArrayLike, expert: ArrayLike) -> dict[str, FloatArray]:
+    """Displacement and heading errors of plans against the expert's (nuScenes-style L2, plus heading).
+
+    Args:
+        plans, expert: ego-frame poses (x, y, heading) ``[B, H, 3]``.
+
+    Returns:
+        ``[B]`` arrays: "ade" (mean over the poses of the xy distance, m), "fde" (the last pose's, m) and
+        "heading_error" (mean over the poses of the absolute heading difference on the circle, rad).
+    """
+    plans = _finite("plans", plans, (None, None, 3))
+    expert = _finite("expert", expert, plans.shape)
+    if not (np.isfinite(plans).all() and np.isfinite(expert).all()):
+        raise ValueError("plans and expert must be finite")
+    distance = np.linalg.norm(plans[..., :2] - expert[..., :2], axis=-1)
+    turn = np.angle(np.exp(1j * (plans[..., 2] - expert[..., 2])))
+    return {"ade": distance.mean(-1), "fde": distance[:, -1], "heading_error": np.abs(turn).mean(-1)}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # mode diversity
 
 

@@ -40,7 +40,7 @@ from trajgen.agents.driving import DrivingAgent, Rollout, closed_loop_scores, ex
 from trajgen.bench.driving_speed import run_throughput_comparison
 from trajgen.envs.driving.collect import collect_driving, split_of_seed
 from trajgen.envs.driving.open_loop import LOG_KEYS, open_loop_scores
-from trajgen.envs.driving.scoring import mode_diversity
+from trajgen.envs.driving.scoring import PLAN_ERROR_KEYS, mode_diversity, plan_errors
 from trajgen.envs.driving.sim import COMMANDS, SCENARIOS
 from trajgen.nets import count_parameters
 from trajgen.policies.anchors import kmeans_anchors, trajectory_bounds
@@ -67,6 +67,7 @@ KNOWN_POLICIES = (*POLICY_NAMES, "vanilla-unet")
 ANCHOR_SPACES = ("metres", "normalised")
 SUB_SCORES = ("nc", "dac", "ttc", "ep", "c", "pdms")
 CLOSED_LOOP_KEYS = (*SUB_SCORES, "collision", "route_completion")
+OPEN_LOOP_KEYS = (*SUB_SCORES, *PLAN_ERROR_KEYS)
 TEST_FRACTION = 0.1
 TARGET_LATENCY_RATIO = 8.0
 LATENCY_OBS_FILE = "latency_obs.npz"
@@ -553,12 +554,12 @@ def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows
     """Open-loop and closed-loop PDM scores, diversity, latency (unless not ``timed``: the weights do not change
     a decision's cost, so only one training seed per policy is timed) and size of one trained policy."""
     plans, _, _ = plan_batched(policy, test_obs, seed=config.seed)
-    open_scores = open_loop_scores(plans, test_rows)
+    open_scores = {**open_loop_scores(plans, test_rows), **plan_errors(plans, test_rows["trajectory"])}
     by_scenario = {}
     for index, scenario in enumerate(SCENARIOS):
         sel = np.asarray(test_rows["scenario"]) == index
         if sel.any():
-            by_scenario[scenario] = summarise({k: v[sel] for k, v in open_scores.items()}, SUB_SCORES)
+            by_scenario[scenario] = summarise({k: v[sel] for k, v in open_scores.items()}, OPEN_LOOP_KEYS)
     div_obs = {k: v[: config.diversity_rows] for k, v in test_obs.items()}
     _, modes, _ = plan_batched(policy, div_obs, modes=True, seed=config.seed)
     diversity = mean_se(mode_diversity(modes)) if modes is not None else None
@@ -578,7 +579,7 @@ def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows
         "algorithm": policy.algorithm,
         "nfe": policy.nfe,
         "parameters": count_parameters(policy),
-        "open_loop": {"all": summarise(open_scores, SUB_SCORES), **by_scenario},
+        "open_loop": {"all": summarise(open_scores, OPEN_LOOP_KEYS), **by_scenario},
         "closed_loop": closed,
         "closed_loop_by_command": by_command,
         "mode_diversity": diversity,
@@ -677,6 +678,14 @@ def _latency_cell(result: Mapping[str, Any]) -> str:
     return cell
 
 
+def _errors_cell(open_loop: Mapping[str, Any]) -> str:
+    """'ADE / FDE, heading error' of the open-loop plans ('-' for results that predate them)."""
+    if not set(PLAN_ERROR_KEYS) <= set(open_loop):
+        return "-"
+    ade, fde, heading = (open_loop[k]["mean"] for k in PLAN_ERROR_KEYS)
+    return f"{ade:.2f} / {fde:.2f}, {heading:.3f}"
+
+
 def markdown_table(document: Mapping[str, Any]) -> str:
     """The README table: one row per policy (open- and closed-loop PDMS and sub-scores, diversity, NFE,
     latency, parameters), then the expert's closed-loop row and the targets."""
@@ -684,16 +693,17 @@ def markdown_table(document: Mapping[str, Any]) -> str:
         return f"{entry['mean']:.3f} ± {entry['se']:.3f}"
 
     lines = [
-        ("| policy | steps | open-loop PDMS | NC | DAC | TTC | EP | C | closed-loop PDMS | collisions | "
-        "route completion | diversity | latency ms (median / p99) | params |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| policy | steps | open-loop PDMS | NC | DAC | TTC | EP | C | ADE / FDE m, heading rad | closed-loop PDMS | "
+         "collisions | route completion | diversity | latency ms (median / p99) | params |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in document["policies"].items():
         ol, cl = r["open_loop"]["all"], r["closed_loop"]["all"]
         div = pm(r["mode_diversity"]) if r["mode_diversity"] else "-"
         lines.append(
             f"| {name} | {r['nfe']} | {pm(ol['pdms'])} | {ol['nc']['mean']:.3f} | {ol['dac']['mean']:.3f} | "
-            f"{ol['ttc']['mean']:.3f} | {ol['ep']['mean']:.3f} | {ol['c']['mean']:.3f} | {pm(cl['pdms'])} | "
+            f"{ol['ttc']['mean']:.3f} | {ol['ep']['mean']:.3f} | {ol['c']['mean']:.3f} | {_errors_cell(ol)} | "
+            f"{pm(cl['pdms'])} | "
             f"{cl['collision']['mean']:.3f} | {cl['route_completion']['mean']:.3f} | {div} | "
             f"{_latency_cell(r)} | {r['parameters'] / 1e6:.2f}M |")
     lines += _by_command_table(document["policies"])
