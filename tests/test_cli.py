@@ -67,23 +67,17 @@ def test_bench_driving_passes_the_policies(driving_config_seen, tmp_path):
     assert isinstance(result.exception, ValueError) and "vanila" in str(result.exception)  # main() exits 2 on it
 
 
-def test_bench_driving_passes_the_anchor_space(driving_config_seen, tmp_path):
+@pytest.mark.parametrize(("option", "field", "default", "other", "bad"), [
+    ("--anchor-space", "anchor_space", "metres", "normalised", "meters"),
+    ("--anchor-heading", "anchor_heading", "predicted", "diffused", "noisy"),
+])
+def test_bench_driving_passes_the_anchor_options(driving_config_seen, tmp_path, option: str, field: str,
+                                                 default: str, other: str, bad: str):
     seen = driving_config_seen
     runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path)])
-    assert seen["config"].anchor_space == "metres"
-    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--anchor-space", "normalised"])
+    assert getattr(seen["config"], field) == default
+    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), option, other])
     assert result.exit_code == 0, result.output
-    assert seen["config"].anchor_space == "normalised"
-    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--anchor-space", "meters"])
-    assert isinstance(result.exception, ValueError) and "anchor_space" in str(result.exception)
-
-
-def test_bench_driving_passes_the_anchor_heading(driving_config_seen, tmp_path):
-    seen = driving_config_seen
-    runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path)])
-    assert seen["config"].anchor_heading == "predicted"
-    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--anchor-heading", "diffused"])
-    assert result.exit_code == 0, result.output
-    assert seen["config"].anchor_heading == "diffused"
-    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--anchor-heading", "noisy"])
-    assert isinstance(result.exception, ValueError) and "anchor_heading" in str(result.exception)
+    assert getattr(seen["config"], field) == other
+    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), option, bad])
+    assert isinstance(result.exception, ValueError) and field in str(result.exception)
