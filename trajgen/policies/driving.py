@@ -768,6 +768,7 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
 
         sample = self.sampler(denoiser, x_start, generator=generator, validate=False)
         last_plans, last_logits = last[-1]
+        assert last_logits is not None  # the last call classifies
         modes = self.normalizer.denormalize(torch.cat([sample, last_plans[..., sample.shape[-1]:]], dim=-1))
         scores = torch.sigmoid(last_logits)
         best = scores.argmax(dim=-1)
