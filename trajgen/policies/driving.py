@@ -113,14 +113,19 @@ class DrivingPolicyConfig:
         """Plain JSON-able dict (tuples as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    predated_values: ClassVar[dict[str, Any]] = {}
+    """values of fields added after files were saved, for dicts that lack them, where the field's default is not
+    what those files did (the other missing fields take their defaults)"""
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DrivingPolicyConfig:
-        """Inverse of :meth:`to_dict`; unknown fields raise ValueError."""
+        """Inverse of :meth:`to_dict`; unknown fields raise ValueError. A saved dict without a field of
+        ``predated_values`` gets that value."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s) {unknown}")
-        return cls(**values)
+        return cls(**{**cls.predated_values, **values})
 
     def differences(self, other: DrivingPolicyConfig) -> list[tuple[str, Any, Any]]:
         """(field, this value, ``other``'s value) for every field whose values differ (as in :meth:`to_dict`)."""
@@ -187,11 +192,7 @@ class AnchoredDiffusionConfig(DrivingPolicyConfig):
         if self.point_embedding_dim < 2 or self.point_embedding_dim % 2:
             raise ValueError(f"point_embedding_dim must be even and >= 2, got {self.point_embedding_dim}")
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> AnchoredDiffusionConfig:
-        """As :meth:`DrivingPolicyConfig.from_dict`; a saved dict without ``heading`` predates that field, when
-        every anchored policy diffused the heading, so it loads as ``heading='diffused'``."""
-        return super().from_dict({"heading": "diffused", **values})  # type: ignore[return-value]
+    predated_values: ClassVar[dict[str, Any]] = {"heading": "diffused"}  # every anchored policy did, before the field
 
     @property
     def diffused_dims(self) -> int:
@@ -420,9 +421,9 @@ class DrivingPolicy(nn.Module):
                          ) -> list[str]:
         """How this policy is built differently from one saved as (``algorithm``, ``config_values`` as in
         ``config.to_dict()``, ``anchors`` [K, H, 3] or None): "field: saved vs this" for each differing config field
-        (fields the saved dict predates take their defaults), and the anchors when they differ by more than 1e-3 m
-        (k-means centroids may differ by float round-off between BLAS thread counts, never by metres). Empty when
-        the two match."""
+        (fields the saved dict predates take their defaults, or their ``predated_values``), and the anchors when they
+        differ by more than 1e-3 m (k-means centroids may differ by float round-off between BLAS thread counts, never
+        by metres). Empty when the two match."""
         if algorithm != self.algorithm:
             return [f"algorithm {algorithm!r} vs {self.algorithm!r}"]
         saved = self.config_class.from_dict(config_values)
@@ -584,12 +585,12 @@ class DecoderStage(nn.Module):
     and, with ``heading='predicted'``, the heading itself: pi * tanh of the head's output (DiffusionDrive).
     """
 
-    def __init__(self, config: AnchoredDiffusionConfig) -> None:
+    def __init__(self, config: AnchoredDiffusionConfig, normalizer: TrajectoryNormalizer) -> None:
         super().__init__()
         width, heads = config.d_model, config.heads
         self.horizon = config.horizon
         self.predicts_heading = config.heading == "predicted"
-        self.normalizer = TrajectoryNormalizer(config.norm_low, config.norm_high)
+        self.normalizer = normalizer
         self.agent_attn = Attention(width, heads, dropout=config.dropout)
         self.map_attn = Attention(width, heads, dropout=config.dropout)
         self.ego_proj = nn.Linear(width, width)
@@ -660,7 +661,7 @@ class CascadeDecoder(nn.Module):
         self.query_encoder = AnchorQueryEncoder(config.horizon, config.point_embedding_dim, config.d_model,
                                                 self.diffused_dims)
         self.time_embedding = TimeEmbedding(config.d_model, activation="mish")
-        self.stages = nn.ModuleList(DecoderStage(config) for _ in range(config.stages))
+        self.stages = nn.ModuleList(DecoderStage(config, self.normalizer) for _ in range(config.stages))
 
     def forward(self, x_t: Tensor, t: Tensor, scene: SceneContext, every_stage: bool = True, classify: bool = True
                 ) -> list[tuple[Tensor, Tensor]]:

@@ -253,9 +253,9 @@ class Trainer:
     def ema_model(self) -> nn.Module:
         """The EMA module (eval mode) for sampling; the trained module itself when EMA is off.
 
-        The EMA module's parameters do not require grad, and PyTorch picks other CPU kernels for those than for the same weights
-        loaded into a fresh module, so outputs differ in the last bits: return the saved file's copy to users (as
-        ``train_driving_policy`` and ``train_offline`` do) when later runs must reproduce them exactly."""
+        The EMA module's parameters do not require grad, and PyTorch picks other CPU kernels for those than for the
+        same weights loaded into a fresh module, so outputs differ in the last bits: return the saved file's copy to
+        users (as ``train_driving_policy`` and ``train_offline`` do) when later runs must reproduce them exactly."""
         return self.ema.model if self.ema is not None else self.model
 
     def _make_optimizer(self) -> torch.optim.AdamW:
