@@ -18,6 +18,11 @@ import dataclasses
 from trajgen.bench.driving import DrivingBenchConfig, remeasure_latency, run_driving_benchmark
 
 
+def _int_or_none(text: str) -> int | None:
+    """An integer, or 'none' for None (e.g. ``--latency-threads none``: torch's default thread count)."""
+    return None if text.lower() == "none" else int(text)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line (one option per DrivingBenchConfig field), run, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
         elif field.name == "training_seeds":
             parser.add_argument(flag, nargs="+", type=int, default=list(field.default))
         else:
-            kind = {"int": int, "float": float}.get(str(field.type), str)
+            kind = {"int": int, "float": float, "int | None": _int_or_none}.get(str(field.type), str)
             parser.add_argument(flag, type=kind, default=field.default)
     parser.add_argument("--throughput-seconds", type=float, default=5.0,
                         help="seconds per simulator-throughput run (0 skips it)")

@@ -225,6 +225,27 @@ def test_latencies_are_timed_in_interleaved_blocks() -> None:
     assert 0 <= out["a"]["median_ms"] <= out["a"]["p99_ms"]
 
 
+def test_latencies_are_timed_with_the_requested_thread_count_and_restore_it() -> None:
+    seen: list[int] = []
+
+    class Recorder:
+        device = torch.device("cpu")
+
+        def plan(self, obs: dict) -> None:
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    out = interleaved_decision_latencies({"a": Recorder()}, {"ego": np.zeros((2, 4))}, repeats=2, threads=target)
+    assert set(seen) == {target} and out["a"]["threads"] == target
+    assert torch.get_num_threads() == before
+    seen.clear()
+    assert interleaved_decision_latencies({"a": Recorder()}, {"ego": np.zeros((2, 4))}, repeats=2,
+                                          threads=None)["a"]["threads"] == before == seen[0]
+    with pytest.raises(ValueError, match="latency_threads"):
+        DrivingBenchConfig(latency_threads=0)
+
+
 def test_trajgen_throughput_counts_every_vehicle_step() -> None:
     run = trajgen_throughput("merge", n_scenes=4, seconds=0.2)
     assert run.scenes == 4 and run.vehicles_per_scene >= 1.0

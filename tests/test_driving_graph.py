@@ -265,14 +265,17 @@ def test_latency_only_command_runs_from_a_copied_run_dir(tmp_path: Path) -> None
                             "--data", str(tmp_path / "absent.h5")])
     for name, result in document["policies"].items():
         assert result["latency_batch1"]["repeats"] == 3 and result["latency_batch1"]["median_ms"] > 0, name
+        assert result["latency_batch1"]["threads"] == 1  # the default --latency-threads
         assert "latency_batch1_graph" not in result  # a CPU remeasure drops the stale GPU figure
     assert json.loads((out / "results.json").read_text())["policies"] == document["policies"]
     assert "graph" not in (out / "results.md").read_text()
+    assert "batch-1 decision, eager, 1 torch thread(s)" in (out / "results.md").read_text()
     # an explicit --latency-obs file is read the same way
     explicit = tmp_path / "obs.npz"
     np.savez(explicit, **{k: v[:1] for k, v in load_latency_observations(out / LATENCY_OBS_FILE).items()})
-    script.main(["--latency-only", "--out-dir", str(out), "--device", "cpu", "--latency-repeats", "2",
-                 "--latency-obs", str(explicit)])
+    document = script.main(["--latency-only", "--out-dir", str(out), "--device", "cpu", "--latency-repeats", "2",
+                            "--latency-obs", str(explicit), "--latency-threads", "none"])
+    assert {r["latency_batch1"]["threads"] for r in document["policies"].values()} == {torch.get_num_threads()}
     bad = tmp_path / "bad.npz"
     np.savez(bad, ego=np.zeros((1, 4)))
     with pytest.raises(ValueError, match="missing key"):

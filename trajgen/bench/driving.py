@@ -38,6 +38,7 @@ import torch
 
 from trajgen.agents.driving import DrivingAgent, Rollout, closed_loop_scores, expert_decider, rollout
 from trajgen.bench.driving_speed import run_throughput_comparison
+from trajgen.bench.threads import torch_threads
 from trajgen.envs.driving.collect import collect_driving, split_of_seed
 from trajgen.envs.driving.open_loop import LOG_KEYS, open_loop_scores
 from trajgen.envs.driving.scoring import PLAN_ERROR_KEYS, mode_diversity, plan_errors
@@ -114,6 +115,10 @@ class DrivingBenchConfig:
     """held-out scenes per scenario driven closed-loop."""
     latency_repeats: int = 100
     """batch-1 decisions timed per policy (after warm-up)."""
+    latency_threads: int | None = 1
+    """torch intra-op threads while batch-1 decisions are timed (None: the process's setting, torch's default being
+    one per core). One, as a control loop runs a batch-1 planner pinned to a core: a decision's ops are too small to
+    gain from a second thread, and splitting them costs a synchronisation each (the README gives both counts)."""
     latency_obs: str | None = None
     """an .npz of held-out observations (OBSERVATION_KEYS, [R, ...]) to time decisions on; default: rows of the
     data file, saved as ``out_dir/latency_obs.npz`` (which ``--latency-only`` uses when the data file is absent)."""
@@ -140,6 +145,8 @@ class DrivingBenchConfig:
             raise ValueError(f"anchor_space must be one of {ANCHOR_SPACES}, got {self.anchor_space!r}")
         if self.anchor_heading not in ANCHOR_HEADINGS:
             raise ValueError(f"anchor_heading must be one of {ANCHOR_HEADINGS}, got {self.anchor_heading!r}")
+        if self.latency_threads is not None and self.latency_threads < 1:
+            raise ValueError(f"latency_threads must be >= 1 or None, got {self.latency_threads}")
         if len(set(self.training_seeds)) != len(self.training_seeds):
             raise ValueError(f"training_seeds must be distinct, got {list(self.training_seeds)}")
 
@@ -307,18 +314,27 @@ def plan_batched(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], *, modes:
     return np.concatenate(plans), cat(all_modes), cat(all_scores)
 
 
-def decision_latency(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repeats: int) -> dict[str, float]:
+def decision_latency(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repeats: int,
+                     threads: int | None = None) -> dict[str, float]:
     """Median and p99 wall time (ms) of one eager batch-1 decision (the plan the agent executes) on the first
-    observation of ``obs`` ([R, ...]), after warm-up."""
-    return interleaved_decision_latencies({"policy": policy}, obs, repeats)["policy"]
+    observation of ``obs`` ([R, ...]), after warm-up, with ``threads`` torch threads (None: as set)."""
+    return interleaved_decision_latencies({"policy": policy}, obs, repeats, threads=threads)["policy"]
 
 
 def interleaved_decision_latencies(policies: Mapping[str, DrivingPolicy], obs: Mapping[str, np.ndarray],
-                                   repeats: int, rounds: int = 10) -> dict[str, dict[str, float]]:
+                                   repeats: int, rounds: int = 10, threads: int | None = None
+                                   ) -> dict[str, dict[str, float]]:
     """:func:`decision_latency` of several policies, timed in ``rounds`` interleaved blocks (policy A's block, B's,
     ..., then A's again) so that a host whose speed drifts slows every policy alike and their ratio stays fair.
 
-    Returns ``{name: {"median_ms", "p99_ms", "repeats"}}`` over ``repeats`` timed decisions per policy."""
+    Returns ``{name: {"median_ms", "p99_ms", "repeats", "threads"}}`` over ``repeats`` timed decisions per
+    policy; ``threads`` is the torch thread count they ran with."""
+    with torch_threads(threads):
+        return _interleaved_decision_latencies(policies, obs, repeats, rounds)
+
+
+def _interleaved_decision_latencies(policies: Mapping[str, DrivingPolicy], obs: Mapping[str, np.ndarray],
+                                    repeats: int, rounds: int) -> dict[str, dict[str, float]]:
     one = {k: v[:1] for k, v in obs.items()}
     # the plan the agent executes: one mode of the vanilla policy, whatever its diversity setting
     calls = {name: functools.partial(policy.plan, one, n_modes=1) if isinstance(policy, VanillaDiffusionPolicy)
@@ -339,8 +355,8 @@ def interleaved_decision_latencies(policies: Mapping[str, DrivingPolicy], obs: M
                 call()
                 syncs[name]()
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: {"median_ms": statistics.median(t), "p99_ms": float(np.percentile(t, 99)), "repeats": repeats}
-            for name, t in times.items()}
+    return {name: {"median_ms": statistics.median(t), "p99_ms": float(np.percentile(t, 99)), "repeats": repeats,
+                   "threads": torch.get_num_threads()} for name, t in times.items()}
 
 
 def graphed_decision_latency(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repeats: int,
@@ -368,11 +384,12 @@ def graphed_decision_latency(policy: DrivingPolicy, obs: Mapping[str, np.ndarray
             "cuda_graph": True}
 
 
-def batch1_latencies(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repeats: int, eager: bool = True
-                     ) -> dict[str, Any]:
-    """``{"latency_batch1": eager}`` (unless ``eager`` is False), and on CUDA also ``"latency_batch1_graph"``: the
-    graph timing, or ``{"error": ...}`` when the capture failed (the eager figure is kept either way)."""
-    out: dict[str, Any] = {"latency_batch1": decision_latency(policy, obs, repeats)} if eager else {}
+def batch1_latencies(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repeats: int, eager: bool = True,
+                     threads: int | None = None) -> dict[str, Any]:
+    """``{"latency_batch1": eager}`` (unless ``eager`` is False; ``threads`` torch threads), and on CUDA also
+    ``"latency_batch1_graph"``: the graph timing, or ``{"error": ...}`` when the capture failed (the eager figure
+    is kept either way)."""
+    out: dict[str, Any] = {"latency_batch1": decision_latency(policy, obs, repeats, threads)} if eager else {}
     if policy.device.type == "cuda":
         try:
             out["latency_batch1_graph"] = graphed_decision_latency(policy, obs, repeats)
@@ -535,7 +552,8 @@ def remeasure_latency(config: DrivingBenchConfig) -> dict[str, Any]:
                 for name in document["policies"]}
     # every eager figure first (interleaved, so host drift cannot bias the ratios): a failed graph capture cannot
     # then cost the eager numbers of the next policy
-    eager = interleaved_decision_latencies(policies, test_obs, config.latency_repeats)
+    eager = interleaved_decision_latencies(policies, test_obs, config.latency_repeats,
+                                           threads=config.latency_threads)
     for name, result in document["policies"].items():
         result.pop("latency_batch1_graph", None)  # a CPU remeasure must not keep an old GPU figure
         result["latency_batch1"] = eager[name]
@@ -583,7 +601,8 @@ def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows
         "closed_loop": closed,
         "closed_loop_by_command": by_command,
         "mode_diversity": diversity,
-        **(batch1_latencies(policy, test_obs, config.latency_repeats) if timed else {}),
+        **(batch1_latencies(policy, test_obs, config.latency_repeats, threads=config.latency_threads)
+           if timed else {}),
         "closed_loop_batched_ms_per_decision": 1e3 * decide_s / max(decisions, 1),
     }
 
@@ -707,6 +726,10 @@ def markdown_table(document: Mapping[str, Any]) -> str:
             f"{cl['collision']['mean']:.3f} | {cl['route_completion']['mean']:.3f} | {div} | "
             f"{_latency_cell(r)} | {r['parameters'] / 1e6:.2f}M |")
     lines += _by_command_table(document["policies"])
+    threads = {r["latency_batch1"].get("threads") for r in document["policies"].values()} - {None}
+    if threads:
+        lines.append("")
+        lines.append(f"Latency: batch-1 decision, eager, {'/'.join(map(str, sorted(threads)))} torch thread(s).")
     if any("latency_batch1_graph" in r for r in document["policies"].values()):
         lines.append("")
         lines.append("Latency: batch-1 decision, eager; 'graph' = the whole decision replayed from one CUDA graph, "

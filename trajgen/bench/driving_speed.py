@@ -132,21 +132,17 @@ def run_throughput_comparison(seconds: float = 5.0, scenes: tuple[int, ...] = (1
     Returns a JSON-able dict with every run and the ratio of simulated vehicle-seconds per wall second,
     trajgen's best batch over highway-env (None when highway-env is not installed).
     """
-    import torch
     from threadpoolctl import threadpool_limits
 
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            runs = [trajgen_throughput("intersection", n, seconds) for n in scenes]
-            runs += [trajgen_throughput("merge", max(scenes), seconds)]
-            try:
-                reference = highway_env_throughput("intersection-v1", seconds)
-            except ImportError:
-                reference = None
-    finally:
-        torch.set_num_threads(torch_threads)
+    from trajgen.bench.threads import torch_threads
+
+    with torch_threads(1), threadpool_limits(1):
+        runs = [trajgen_throughput("intersection", n, seconds) for n in scenes]
+        runs += [trajgen_throughput("merge", max(scenes), seconds)]
+        try:
+            reference = highway_env_throughput("intersection-v1", seconds)
+        except ImportError:
+            reference = None
     best = max(r.vehicle_seconds_per_s for r in runs if r.name.endswith("intersection"))
     return {
         "unit": "simulated vehicle-seconds per wall-clock second, one thread, observations included",

@@ -40,6 +40,7 @@ import torch
 
 from trajgen.agents.offline import decision_latency, evaluate
 from trajgen.bench.solvers import machine_info
+from trajgen.bench.threads import torch_threads
 from trajgen.envs.mujoco import ENV_IDS, collect_mujoco, env_name, load_mujoco_dataset, normalized_score
 from trajgen.envs.mujoco.collect import LEVELS
 from trajgen.policies.offline import (
@@ -614,10 +615,7 @@ def run_offline_benchmark(settings: OfflineBenchSettings, out_dir: str | os.Path
     out_dir = Path(out_dir)
     log = log or (lambda line: None)
     start = time.perf_counter()
-    threads_before = torch.get_num_threads()
-    if settings.threads is not None:
-        torch.set_num_threads(settings.threads)
-    try:
+    with torch_threads(settings.threads):
         data_dir = Path(data_dir) if data_dir else out_dir / "data"
         if finished_only:
             paths = existing_datasets(settings, data_dir, datasets)
@@ -639,8 +637,6 @@ def run_offline_benchmark(settings: OfflineBenchSettings, out_dir: str | os.Path
         cell_paths = [str(cell_dir(out_dir, *key[:4]) / RESULT_FILE) for key in keys]
         skipped = [path for path, (_, was_skipped) in zip(cell_paths, outcomes, strict=True) if was_skipped]
         compute = compute_info(settings)
-    finally:
-        torch.set_num_threads(threads_before)
     rows = aggregate(cells)
     result = {"settings": settings.to_dict(), "compute": compute, "latency_mode": _latency_mode(cells),
               "datasets": {f"{e}/{lv}": str(p) for (e, lv), p in paths.items()}, "rows": rows,

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from trajgen.bench.threads import torch_threads
 from trajgen.diffusion.analytic import GaussianMixture
 from trajgen.diffusion.schedules import VPDiscrete
 from trajgen.nets import TemporalUnet1d, count_parameters
@@ -414,19 +415,6 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-class _Threads:
-    """Context manager: ``torch.set_num_threads(n)`` inside, the previous count restored after."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.before = n, torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.before)
-
-
 # --------------------------------------------------------------------------------------------------------
 # Overhead
 # --------------------------------------------------------------------------------------------------------
@@ -455,7 +443,7 @@ def measure_overhead(settings: Settings) -> dict[str, Any]:
         fns["diffusers"] = lambda: _diffusers_trivial_loop(scheduler, x)
         fns["diffusers_set_timesteps"] = lambda: scheduler.set_timesteps(OVERHEAD_STEPS)
         setup["diffusers"] = lambda: scheduler.set_timesteps(OVERHEAD_STEPS)  # resets its state, untimed
-    with _Threads(1), torch.inference_mode():
+    with torch_threads(1), torch.inference_mode():
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -642,7 +630,7 @@ def run_solver_benchmark(quick: bool, out: str | None, device: str = "cpu", *,
     """
     settings = QUICK if quick else FULL
     machine = machine_info()
-    with _Threads(threads):
+    with torch_threads(threads):
         result = _run(settings, device)
     result["machine"] = {**machine, "threads_used": threads}
     result["quick"] = quick
