@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        elif field.name == "policies":
+        elif field.name in ("policies", "policy_lr"):
             parser.add_argument(flag, nargs="+", default=list(field.default))
         elif field.name == "training_seeds":
             parser.add_argument(flag, nargs="+", type=int, default=list(field.default))
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     throughput = args.pop("throughput_seconds")
     latency_only = args.pop("latency_only")
     args["policies"] = tuple(args["policies"])
+    args["policy_lr"] = tuple(args["policy_lr"])
     args["training_seeds"] = tuple(args["training_seeds"])
     config = DrivingBenchConfig(**args)
     if latency_only:

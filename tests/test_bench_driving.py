@@ -88,6 +88,23 @@ def test_bench_config_refuses_unknown_policies() -> None:
         DrivingBenchConfig(anchor_heading="noisy")
 
 
+def test_policy_lr_overrides_the_shared_rate_per_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = DrivingBenchConfig.quick(str(tmp_path))
+    config = dataclasses.replace(config, policy_lr=("anchored=2e-3", "regression=5e-4"))
+    assert (config.lr_for("anchored"), config.lr_for("regression"), config.lr_for("vanilla")) == (2e-3, 5e-4,
+                                                                                                  config.lr)
+    for bad in (("anchored",), ("anchord=1e-3",), ("anchored=0",), ("anchored=fast",), ("anchored=1", "anchored=2")):
+        with pytest.raises(ValueError, match=f"policy_lr.*{bad[-1]!r}"):
+            DrivingBenchConfig(policy_lr=bad)
+    trainers = []
+    monkeypatch.setattr(bench_driving, "train_driving_policy",
+                        lambda policy, dataset, trainer, resume: (trainers.append(trainer), (policy, {}))[1])
+    path = ensure_data(config)
+    dataset = DrivingSamples(path, seeds=split_seeds(path)[0])
+    _, summary = train_policy("regression", config, dataset, dataset.arrays["trajectory"])
+    assert trainers[-1].lr == summary["settings"]["lr"] == 5e-4
+
+
 def test_normalised_anchor_space_clusters_in_the_normaliser_half_ranges() -> None:
     plans = np.random.default_rng(0).normal(size=(200, 8, 3)) * [20.0, 4.0, 0.5] + [30.0, 0.0, 0.0]
     config = DrivingBenchConfig.quick("unused")
