@@ -231,14 +231,14 @@ class IdentityDecoder(nn.Module):
         self.heading = heading
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, x_t, t, scene, every_stage=True, classify=True):
+    def forward(self, x_t, t, scene, every_stage=True, decide=True):
         self.calls.append((x_t.clone(), t.clone()))
         x0 = x_t / self.schedule.alpha(t.double()).float().view(-1, 1, 1, 1)
         if x0.shape[-1] == 2:
             x0 = torch.cat([x0, self.heading.expand(x0.shape[0], -1, -1, -1)], dim=-1)
         logits = torch.full((x_t.shape[0], self.n_anchors), -3.0)
         logits[:, self.favourite] = 3.0
-        return [(x0, logits if classify else None)] * self.stages
+        return [(x0, logits if decide else None)] * self.stages
 
 
 @pytest.mark.parametrize(("steps", "heading"), [(2, "predicted"), (3, "predicted"), (2, "diffused")])
@@ -272,7 +272,8 @@ def test_anchored_inference_starts_from_noised_anchors_and_calls_the_network_ste
         policy.plan(obs, noise=torch.zeros(3, 4, 8, 5 - dims))
 
 
-def test_classifying_only_the_last_stage_changes_nothing_it_returns() -> None:
+def test_deciding_only_in_the_last_stage_changes_nothing_it_returns() -> None:
+    """Inference skips the logits and predicted headings of the earlier stages; what it does return is unchanged."""
     policy = small_anchored().eval()
     g = torch.Generator().manual_seed(3)
     obs = random_obs(2, generator=g)
@@ -282,10 +283,13 @@ def test_classifying_only_the_last_stage_changes_nothing_it_returns() -> None:
         t = torch.full((2,), 0.009)
         full = policy.decoder(x_t, t, scene)
         fast = policy.decoder(x_t, t, scene, every_stage=False)
-    assert all(logits is None for _, logits in fast[:-1])
-    for (plans_a, logits_a), (plans_b, logits_b) in zip(full, fast, strict=True):
-        torch.testing.assert_close(plans_a, plans_b, rtol=0, atol=0)
-    torch.testing.assert_close(full[-1][1], fast[-1][1], rtol=0, atol=0)
+        none = policy.decoder(x_t, t, scene, decide=False)
+    assert all(logits is None for _, logits in fast[:-1] + none)
+    assert [plans.shape[-1] for plans, _ in fast] == [2] * (len(fast) - 1) + [3]
+    for (plans_a, _), (plans_b, _), (plans_c, _) in zip(full, fast, none, strict=True):
+        torch.testing.assert_close(plans_a[..., : plans_b.shape[-1]], plans_b, rtol=0, atol=0)
+        torch.testing.assert_close(plans_a[..., :2], plans_c, rtol=0, atol=0)
+    torch.testing.assert_close(full[-1], fast[-1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("heading", ["predicted", "diffused"])

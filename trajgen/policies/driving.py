@@ -606,22 +606,24 @@ class DecoderStage(nn.Module):
         self.reg_head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                                       nn.Linear(width, config.horizon * POSE_DIM))
 
-    def forward(self, query: Tensor, plans: Tensor, scene: SceneContext, time_emb: Tensor, classify: bool = True
+    def forward(self, query: Tensor, plans: Tensor, scene: SceneContext, time_emb: Tensor, decide: bool = True
                 ) -> tuple[Tensor, Tensor, Tensor | None]:
         """query [B, K, D], plans [B, K, H, C] (the C diffused coordinates, normalised), time_emb [B, D]
-        -> (features [B, K, D], clean plans [B, K, H, 3] normalised, logits [B, K] or None unless ``classify``)."""
+        -> (features [B, K, D], clean plans [B, K, H, 3] normalised, logits [B, K]). Without ``decide`` the outputs
+        only a decision reads are skipped: the logits are None and a predicted heading is left out ([B, K, H, C])."""
         h = self.norm1(query + self.agent_attn(query, scene.agents, key_mask=scene.agents_mask))
         h = self.norm2(h + self.map_attn(h, scene.map, key_mask=scene.map_mask) + self.ego_proj(scene.map[:, :1]))
         h = self.norm3(h + self.ffn(h))
         shift, scale = self.film(time_emb).chunk(2, dim=-1)
         h = modulate(h, shift, scale)
         raw = self.reg_head(h).unflatten(-1, (self.horizon, POSE_DIM))
-        if self.predicts_heading:
-            heading = self.normalizer.normalize(math.pi * torch.tanh(raw[..., 2:]), first=2)
-            clean = torch.cat([plans + raw[..., :2], heading], dim=-1)
-        else:
-            clean = plans + raw
-        return h, clean, self.cls_head(h).squeeze(-1) if classify else None
+        if not self.predicts_heading:
+            return h, plans + raw, self.cls_head(h).squeeze(-1) if decide else None
+        clean = plans + raw[..., :2]
+        if not decide:
+            return h, clean, None
+        heading = self.normalizer.normalize(math.pi * torch.tanh(raw[..., 2:]), first=2)
+        return h, torch.cat([clean, heading], dim=-1), self.cls_head(h).squeeze(-1)
 
 
 @dataclass
@@ -663,18 +665,20 @@ class CascadeDecoder(nn.Module):
         self.time_embedding = TimeEmbedding(config.d_model, activation="mish")
         self.stages = nn.ModuleList(DecoderStage(config, self.normalizer) for _ in range(config.stages))
 
-    def forward(self, x_t: Tensor, t: Tensor, scene: SceneContext, every_stage: bool = True, classify: bool = True
+    def forward(self, x_t: Tensor, t: Tensor, scene: SceneContext, every_stage: bool = True, decide: bool = True
                 ) -> list[tuple[Tensor, Tensor]]:
-        """``every_stage=False`` (inference) classifies only in the last stage; the earlier entries' logits are
-        then None. ``classify=False`` skips classification in every stage (all logits None)."""
+        """Stages that do not ``decide`` (see :meth:`DecoderStage.forward`) return logits None and only the diffused
+        coordinates: with ``every_stage=False`` (inference) all but the last; with ``decide=False`` all of them."""
         plans = x_t.clamp(-1.0, 1.0)
         time_emb = self.time_embedding(t)
-        features = torch.zeros_like(plans[..., 0, 0, None]).expand(*plans.shape[:2], time_emb.shape[-1])
+        features: Tensor | None = None
         outputs = []
         last = len(self.stages) - 1
         for index, stage in enumerate(self.stages):
-            query = self.query_encoder(self.normalizer.denormalize(plans)) + features
-            features, predicted, logits = stage(query, plans, scene, time_emb, classify=classify and (every_stage or index == last))
+            query = self.query_encoder(self.normalizer.denormalize(plans))
+            query = query if features is None else query + features
+            features, predicted, logits = stage(query, plans, scene, time_emb,
+                                                decide=decide and (every_stage or index == last))
             outputs.append((predicted, logits))
             plans = predicted[..., : self.diffused_dims].detach()
         return outputs
@@ -761,9 +765,9 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
         last: list[tuple[Tensor, Tensor | None]] = []
 
         def denoiser(x_t: Tensor, t: Tensor) -> Tensor:
-            # only the last call's confidences are used: earlier calls skip the classification head
-            classify = len(last) == self.sampler.nfe - 1
-            plans, logits = self.decoder(x_t, t.to(x_t.dtype), scene, every_stage=False, classify=classify)[-1]
+            # only the last call's confidences and headings are used: earlier calls skip them
+            decide = len(last) == self.sampler.nfe - 1
+            plans, logits = self.decoder(x_t, t.to(x_t.dtype), scene, every_stage=False, decide=decide)[-1]
             last.append((plans, logits))
             return plans[..., : x_t.shape[-1]]
 
