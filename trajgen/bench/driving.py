@@ -121,8 +121,8 @@ class DrivingBenchConfig:
     """batch-1 decisions timed per policy (after warm-up)."""
     latency_threads: int | None = 1
     """torch intra-op threads while batch-1 decisions are timed (None: the process's setting, torch's default being
-    one per core). One, as a control loop runs a batch-1 planner pinned to a core: a decision's ops are too small to
-    gain from a second thread, and splitting them costs a synchronisation each (the README gives both counts)."""
+    one per core). One, as for a batch-1 planner pinned to a core in a control loop, and so that the figure does not
+    depend on the host's core count; on the 2-core VM a second thread sped neither policy up (README)."""
     latency_obs: str | None = None
     """an .npz of held-out observations (OBSERVATION_KEYS, [R, ...]) to time decisions on; default: rows of the
     data file, saved as ``out_dir/latency_obs.npz`` (which ``--latency-only`` uses when the data file is absent)."""
