@@ -354,34 +354,30 @@ def interleaved_decision_latencies(policies: Mapping[str, DrivingPolicy], obs: M
 
     Returns ``{name: {"median_ms", "p99_ms", "repeats", "threads"}}`` over ``repeats`` timed decisions per
     policy; ``threads`` is the torch thread count they ran with."""
-    with torch_threads(threads):
-        return _interleaved_decision_latencies(policies, obs, repeats, rounds)
-
-
-def _interleaved_decision_latencies(policies: Mapping[str, DrivingPolicy], obs: Mapping[str, np.ndarray],
-                                    repeats: int, rounds: int) -> dict[str, dict[str, float]]:
     one = {k: v[:1] for k, v in obs.items()}
     # the plan the agent executes: one mode of the vanilla policy, whatever its diversity setting
     calls = {name: functools.partial(policy.plan, one, n_modes=1) if isinstance(policy, VanillaDiffusionPolicy)
              else functools.partial(policy.plan, one) for name, policy in policies.items()}
     syncs = {name: torch.cuda.synchronize if policy.device.type == "cuda" else (lambda: None)
              for name, policy in policies.items()}
-    for call in calls.values():
-        for _ in range(3):
-            call()
     rounds = max(1, min(rounds, repeats))
     block_sizes = [repeats // rounds + (i < repeats % rounds) for i in range(rounds)]
     times: dict[str, list[float]] = {name: [] for name in policies}
-    for size in block_sizes:
-        for name, call in calls.items():
-            for _ in range(size):
-                syncs[name]()
-                start = time.perf_counter()
+    with torch_threads(threads):
+        used_threads = torch.get_num_threads()
+        for call in calls.values():
+            for _ in range(3):
                 call()
-                syncs[name]()
-                times[name].append((time.perf_counter() - start) * 1e3)
+        for size in block_sizes:
+            for name, call in calls.items():
+                for _ in range(size):
+                    syncs[name]()
+                    begin = time.perf_counter()
+                    call()
+                    syncs[name]()
+                    times[name].append((time.perf_counter() - begin) * 1e3)
     return {name: {"median_ms": statistics.median(t), "p99_ms": float(np.percentile(t, 99)), "repeats": repeats,
-                   "threads": torch.get_num_threads()} for name, t in times.items()}
+                   "threads": used_threads} for name, t in times.items()}
 
 
 def graphed_decision_latency(policy: DrivingPolicy, obs: Mapping[str, np.ndarray], repeats: int,

@@ -666,7 +666,7 @@ class CascadeDecoder(nn.Module):
         self.stages = nn.ModuleList(DecoderStage(config, self.normalizer) for _ in range(config.stages))
 
     def forward(self, x_t: Tensor, t: Tensor, scene: SceneContext, every_stage: bool = True, decide: bool = True
-                ) -> list[tuple[Tensor, Tensor]]:
+                ) -> list[tuple[Tensor, Tensor | None]]:
         """Stages that do not ``decide`` (see :meth:`DecoderStage.forward`) return logits None and only the diffused
         coordinates: with ``every_stage=False`` (inference) all but the last; with ``decide=False`` all of them."""
         plans = x_t.clamp(-1.0, 1.0)
