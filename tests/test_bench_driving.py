@@ -105,6 +105,35 @@ def test_policy_lr_overrides_the_shared_rate_per_policy(tmp_path: Path, monkeypa
     assert trainers[-1].lr == summary["settings"]["lr"] == 5e-4
 
 
+def test_a_rerun_with_other_training_settings_is_refused_not_resumed(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run directory trained (or being trained) at one lr is not resumed at another, nor served under its label;
+    fewer steps are refused too, and only a longer budget continues the run. Runs that predate the settings file are
+    checked against their summary."""
+    config = DrivingBenchConfig.quick(str(tmp_path))
+    trained = []
+    monkeypatch.setattr(bench_driving, "train_driving_policy",
+                        lambda policy, dataset, trainer, resume: (trained.append(trainer), (policy, {}))[1])
+    path = ensure_data(config)
+    dataset = DrivingSamples(path, seeds=split_seeds(path)[0])
+    plans = dataset.arrays["trajectory"]
+    train_policy("regression", config, dataset, plans)  # "interrupted": settings written, no policy file
+    for changed, field in [({"policy_lr": ("regression=0.1",)}, "lr"), ({"batch_size": config.batch_size + 1}, "batch_size"),
+                           ({"train_steps": config.train_steps - 1}, "train_steps")]:
+        with pytest.raises(ValueError, match=rf"other settings.*{field}: "):
+            train_policy("regression", dataclasses.replace(config, **changed), dataset, plans)
+    longer = dataclasses.replace(config, train_steps=config.train_steps + 10)
+    train_policy("regression", longer, dataset, plans)
+    assert [t.steps for t in trained] == [config.train_steps, config.train_steps + 10]
+
+    older = tmp_path / "older" / "regression"
+    older.mkdir(parents=True)
+    settings = json.loads((tmp_path / "regression" / "train_settings.json").read_text())
+    (older / "train_summary.json").write_text(json.dumps({"settings": {**settings, "lr": 1.0}}))
+    with pytest.raises(ValueError, match=r"other settings.*lr: 1\.0 vs"):
+        train_policy("regression", dataclasses.replace(longer, out_dir=str(tmp_path / "older")), dataset, plans)
+
+
 def test_normalised_anchor_space_clusters_in_the_normaliser_half_ranges() -> None:
     plans = np.random.default_rng(0).normal(size=(200, 8, 3)) * [20.0, 4.0, 0.5] + [30.0, 0.0, 0.0]
     config = DrivingBenchConfig.quick("unused")

@@ -276,7 +276,8 @@ def train_policy(name: str, config: DrivingBenchConfig, dataset: DrivingSamples,
     ``config.seeds_for_training``); returns it with its training summary.
 
     Saved weights are reloaded when both the budget settings and the policy as built (class, config, anchors)
-    match; a directory holding a policy built differently raises ValueError instead of being reused or resumed."""
+    match; a directory holding a policy built differently, or trained with other settings (see
+    :func:`_require_same_settings`), raises ValueError instead of being reused or resumed."""
     seed = _training_seed(config, seed)
     out_dir = run_dir(config, name, seed)
     trainer = TrainerConfig(steps=config.train_steps, batch_size=config.batch_size, lr=config.lr_for(name),
@@ -288,6 +289,7 @@ def train_policy(name: str, config: DrivingBenchConfig, dataset: DrivingSamples,
                 "d_model": config.d_model, "seed": seed, "rows": len(dataset)}
     torch.manual_seed(seed)  # the initial weights depend on the seed only, not on the policies built before
     policy = build_policy(name, config, train_plans, seed)
+    _require_same_settings(out_dir, settings)
     if policy_file.exists():
         saved_policy = DrivingPolicy.load(policy_file, map_location=_device(config))
         _require_same_policy(saved_policy, policy, out_dir)
@@ -295,12 +297,38 @@ def train_policy(name: str, config: DrivingBenchConfig, dataset: DrivingSamples,
         # summaries of older versions may hold settings this version no longer keys on
         if {k: saved.get("settings", {}).get(k) for k in settings} == settings:
             return saved_policy, saved
+    _write_json(out_dir / TRAIN_SETTINGS, settings)
     start = time.perf_counter()
     trained, summary = train_driving_policy(policy, dataset, trainer, resume=True)
     summary = {"settings": settings, "wall_s": time.perf_counter() - start,
                **{k: v for k, v in summary.items() if isinstance(v, int | float | str)}}
     _write_json(summary_file, summary)
     return trained, summary
+
+
+TRAIN_SETTINGS = "train_settings.json"
+"""written in a policy's run directory when its training starts: the settings its checkpoints are trained with"""
+
+
+def _require_same_settings(out_dir: Path, settings: Mapping[str, Any]) -> None:
+    """Refuse a run directory trained, or being trained, with other settings than ``settings`` (lr, batch size,
+    seed, data rows, ...): resuming its checkpoints would finish one optimisation with another's settings, or serve
+    its weights under the new ones. Only a longer ``train_steps`` passes: that continues the run. The settings come
+    from the directory's ``train_settings.json``, or from its summary in runs older than that file."""
+    recorded: Mapping[str, Any] | None = None
+    for source in (out_dir / TRAIN_SETTINGS, out_dir / "train_summary.json"):
+        if source.is_file():
+            document = json.loads(source.read_text())
+            recorded = document.get("settings", {}) if source.name == "train_summary.json" else document
+            break
+    if recorded is None:
+        return
+    differences = [f"{key}: {recorded.get(key)!r} vs {value!r}" for key, value in settings.items()
+                   if key in recorded and recorded[key] != value
+                   and not (key == "train_steps" and recorded[key] < value)]
+    if differences:
+        raise ValueError(f"{out_dir} holds a policy trained with other settings (saved vs this run: "
+                         f"{'; '.join(differences)}); use another --out-dir, or delete that directory to retrain")
 
 
 def _require_same_policy(saved: DrivingPolicy, built: DrivingPolicy, out_dir: Path) -> None:
