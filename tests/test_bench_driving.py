@@ -146,6 +146,9 @@ def test_normalised_anchor_space_clusters_in_the_normaliser_half_ranges() -> Non
     for heading in ("predicted", "diffused"):
         assert build_policy("anchored", dataclasses.replace(config, anchor_heading=heading), plans
                             ).config.heading == heading
+    for enabled in (True, False):
+        assert build_policy("anchored", dataclasses.replace(config, anchor_waypoint_features=enabled), plans
+                            ).config.waypoint_map_features is enabled
 
 
 @pytest.fixture(scope="module")

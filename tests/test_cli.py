@@ -81,3 +81,12 @@ def test_bench_driving_passes_the_anchor_options(driving_config_seen, tmp_path, 
     assert getattr(seen["config"], field) == other
     result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), option, bad])
     assert isinstance(result.exception, ValueError) and field in str(result.exception)
+
+
+def test_bench_driving_passes_the_waypoint_feature_switch(driving_config_seen, tmp_path):
+    seen = driving_config_seen
+    runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path)])
+    assert seen["config"].anchor_waypoint_features is True
+    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--no-anchor-waypoint-features"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"].anchor_waypoint_features is False

@@ -33,7 +33,6 @@ from trajgen.policies.driving import (
     DrivingPolicy,
     RegressionConfig,
     RegressionPolicy,
-    SceneContext,
     VanillaDiffusionConfig,
     VanillaDiffusionPolicy,
 )
@@ -152,8 +151,7 @@ def test_plan_outputs_match_the_unvalidated_path_and_an_independent_anchor_noisi
     x_start = policy.schedule.add_noise(anchors, t, noise)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
-        scene_tokens = policy.encoder(obs)  # the validating forward
-        scene = SceneContext.split(*scene_tokens, policy.encoder)
+        scene = policy.scene_context(policy.observation_tensors(obs))
 
         def denoiser(x_t: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
             plans, logits = policy.decoder(x_t, time, scene, every_stage=False)[-1]

@@ -3,6 +3,7 @@ checkpoints, data set and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -20,13 +21,14 @@ from trajgen.policies.driving import (
     AnchoredDiffusionPolicy,
     DrivingPolicy,
     DrivingSamples,
+    LanePoints,
     RegressionConfig,
     RegressionPolicy,
-    SceneContext,
     VanillaDiffusionConfig,
     VanillaDiffusionPolicy,
     sigmoid_focal_loss,
     train_driving_policy,
+    waypoint_lane_features,
 )
 from trajgen.policies.scene_encoder import ObservationSpec, SceneEncoder, validate_observation
 
@@ -278,7 +280,7 @@ def test_deciding_only_in_the_last_stage_changes_nothing_it_returns() -> None:
     g = torch.Generator().manual_seed(3)
     obs = random_obs(2, generator=g)
     with torch.no_grad():
-        scene = SceneContext.split(*policy.encoder(obs), policy.encoder)
+        scene = policy.scene_context(policy.observation_tensors(obs))
         x_t = torch.randn(2, 4, 8, 2, generator=g) * 0.3
         t = torch.full((2,), 0.009)
         full = policy.decoder(x_t, t, scene)
@@ -303,7 +305,7 @@ def test_decoder_stage_adds_offsets_to_the_diffused_coordinates_and_predicts_the
     with torch.no_grad():
         stage.reg_head[-1].weight.zero_()
         stage.reg_head[-1].bias.copy_(bias.flatten())
-        scene = SceneContext.split(*policy.encoder(random_obs(2)), policy.encoder)
+        scene = policy.scene_context(policy.observation_tensors(random_obs(2)))
         dims = policy.config.diffused_dims
         plans = torch.rand(2, 4, 8, dims) * 2 - 1
         query = torch.randn(2, 4, policy.config.d_model)
@@ -634,3 +636,95 @@ def test_train_driving_policy_refuses_to_resume_checkpoints_of_another_build(tmp
     config.steps = 4
     _, resumed = train_driving_policy(other_anchors, data, config)
     assert resumed["step"] == 4 and len(resumed["history"]["loss"]) == 1  # the new build resumes
+
+
+# ---------------------------------------------------------------------------------------------- waypoint map features
+
+
+def lane_table(*lanes: list[tuple[float, float]], valid: list[bool] | None = None) -> LanePoints:
+    """LanePoints of one scene from lanes of equal point counts (metres)."""
+    points = torch.tensor([lanes], dtype=torch.float32)  # [1, M, P, 2]
+    mask = torch.tensor([valid if valid is not None else [True] * len(lanes)])
+    return LanePoints.from_observation(points, mask)
+
+
+def test_waypoint_features_are_the_offset_in_the_nearest_lanes_frame() -> None:
+    """Hand-built lanes: an eastbound lane on y = 0 and a northbound one on x = 20. A waypoint 1 m left of and 1 m
+    past a point of the first lies at (+1, +1) / 2 in its frame; one 1 m west of the second (its left) and 0.5 m
+    past a point, (+1, +0.5) / 2 with direction (0, 1); a far one is clamped to max_offset."""
+    east = [(3.0 * i, 0.0) for i in range(5)]
+    north = [(20.0, 3.0 * i) for i in range(5)]
+    lanes = lane_table(east, north)
+    waypoints = torch.tensor([[[[4.0, 1.0], [19.0, 6.5], [6.0, -40.0]]]])  # [1, 1, 3, 2]
+    features = waypoint_lane_features(waypoints, lanes)[0, 0]  # 2 m per unit, clamped to +-5
+    expected = torch.tensor([[0.5, 0.5, 1.0, 0.0], [0.5, 0.25, 0.0, 1.0], [-5.0, 0.0, 1.0, 0.0]])
+    torch.testing.assert_close(features, expected)
+
+
+def test_waypoint_features_ignore_masked_lanes_and_repeated_end_points() -> None:
+    """A masked lane never counts however near; a lane's repeated end point (no tangent) is skipped for the last
+    distinct one; a scene with no valid lane gives zeros."""
+    near = [(3.0 * i, 0.5) for i in range(5)]
+    far = [(3.0 * i, -3.0) for i in range(5)]
+    waypoints = torch.tensor([[[[6.0, 0.0]]]])
+    masked = waypoint_lane_features(waypoints, lane_table(near, far, valid=[False, True]))[0, 0, 0]
+    torch.testing.assert_close(masked, torch.tensor([1.5, 0.0, 1.0, 0.0]))
+    ending = [(0.0, 0.0), (3.0, 0.0), (3.0, 0.0), (3.0, 0.0)]
+    past_end = waypoint_lane_features(torch.tensor([[[[4.0, -1.0]]]]), lane_table(ending))[0, 0, 0]
+    torch.testing.assert_close(past_end, torch.tensor([-0.5, 0.5, 1.0, 0.0]))
+    none = waypoint_lane_features(waypoints, lane_table(near, far, valid=[False, False]))
+    assert torch.equal(none, torch.zeros(1, 1, 1, 4))
+
+
+def test_waypoint_features_are_invariant_to_moving_the_scene() -> None:
+    """Rotating and translating lanes and waypoints together leaves the offsets unchanged and rotates the
+    directions: the features depend on where a waypoint lies relative to the lanes, not on the frame."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.linspace(0, 1, 12)
+    curve = torch.stack([30 * s, 8 * s**2], dim=-1)
+    lanes = torch.stack([curve, curve + torch.tensor([0.0, 3.5]), curve.flip(0) + torch.tensor([5.0, -4.0])])[None]
+    mask = torch.tensor([[True, True, True]])
+    waypoints = torch.rand(1, 3, 8, 2, generator=g) * torch.tensor([30.0, 10.0]) - torch.tensor([0.0, 3.0])
+    angle = 0.7
+    rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    shift = torch.tensor([-12.0, 5.0])
+    base = waypoint_lane_features(waypoints, LanePoints.from_observation(lanes, mask))
+    moved = waypoint_lane_features(waypoints @ rotation.T + shift,
+                                   LanePoints.from_observation(lanes @ rotation.T + shift, mask))
+    torch.testing.assert_close(moved[..., :2], base[..., :2], atol=1e-4, rtol=0)
+    torch.testing.assert_close(moved[..., 2:], base[..., 2:] @ rotation.T, atol=1e-5, rtol=0)
+
+
+def test_the_decoder_reads_where_the_plans_lie_relative_to_the_lanes() -> None:
+    """With waypoint map features the plans depend on the lane points beyond the lane tokens: moving one lane changes
+    the stage queries even when the scene tokens are held fixed; without them the queries do not move."""
+    torch.manual_seed(0)
+    for enabled in (True, False):
+        policy = small_anchored(waypoint_map_features=enabled).eval()
+        obs = policy.observation_tensors(random_obs(2))
+        scene = policy.scene_context(obs)
+        moved = LanePoints.from_observation(obs["lanes"] + torch.tensor([0.0, 2.0]), obs["lanes_mask"])
+        plans = policy.normalizer.normalize(policy.anchors[..., :2]).expand(2, -1, -1, -1)
+        with torch.no_grad():
+            query = policy.decoder.stage_query(plans, scene)
+            query_moved = policy.decoder.stage_query(plans, dataclasses.replace(scene, lanes=moved))
+        assert (not torch.allclose(query, query_moved)) if enabled else torch.equal(query, query_moved)
+        assert (scene.lanes is not None) == enabled
+
+
+def test_an_anchored_checkpoint_older_than_waypoint_features_loads_without_them(tmp_path) -> None:
+    """Files written before ``waypoint_map_features`` existed had no waypoint encoder: they load with the field
+    False and plan as a policy built that way."""
+    torch.manual_seed(0)
+    policy = small_anchored(waypoint_map_features=False).eval()
+    old_config = {k: v for k, v in policy.config.to_dict().items() if k != "waypoint_map_features"}
+    metadata = {"format": "pt", "algorithm": policy.algorithm, "config": json.dumps(old_config)}
+    path = tmp_path / "old.safetensors"
+    safetensors.torch.save_file(policy.state_dict(), str(path), metadata=metadata)
+    loaded = DrivingPolicy.load(path)
+    assert loaded.config.waypoint_map_features is False and loaded.config == policy.config
+    obs = random_obs(2)
+    noise = torch.randn(2, 4, 8, 2)
+    assert torch.equal(loaded.plan(obs, noise=noise).modes, policy.plan(obs, noise=noise).modes)
+    with pytest.raises(ValueError, match="waypoint_map_features"):
+        small_anchored().load_weights(path)

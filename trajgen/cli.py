@@ -76,6 +76,8 @@ def bench_driving(
                                                     "normalised (x, y over the plan normaliser's half ranges)"),
     anchor_heading: str = typer.Option("predicted", help="the anchored policy's heading: predicted (DiffusionDrive: "
                                                          "only x, y diffused) | diffused (with x, y)"),
+    anchor_waypoint_features: bool = typer.Option(
+        True, help="the anchored decoder reads where each waypoint lies relative to the nearest lane"),
 ) -> None:
     """DiffusionDrive's comparison in trajgen's simulator: anchored truncated diffusion vs vanilla diffusion vs
     regression (PDMS open and closed loop, mode diversity, latency), plus simulator throughput vs highway-env."""
@@ -86,7 +88,7 @@ def bench_driving(
                                 closed_loop_episodes=episodes, open_loop_rows=open_loop_rows, device=device,
                                 seed=seed, training_seeds=tuple(training_seed or ()),
                                 policies=tuple(policy or POLICY_NAMES), anchor_space=anchor_space,
-                                anchor_heading=anchor_heading)
+                                anchor_heading=anchor_heading, anchor_waypoint_features=anchor_waypoint_features)
     _run_driving(config, throughput_seconds=5.0)
 
 

@@ -111,6 +111,9 @@ class DrivingBenchConfig:
     anchor_heading: str = "predicted"
     """the anchored policy's ``AnchoredDiffusionConfig.heading``: 'predicted' (DiffusionDrive: only x, y are
     diffused) or 'diffused' (the heading too, as trajgen's tables before 2026-11-27)."""
+    anchor_waypoint_features: bool = True
+    """the anchored policy's ``AnchoredDiffusionConfig.waypoint_map_features``: its decoder reads where each
+    waypoint lies relative to the nearest lane (False: as trajgen's tables before 2026-11-28)."""
     open_loop_rows: int = 4000
     """held-out logged ticks scored open-loop (all of them if fewer)."""
     diversity_rows: int = 256
@@ -247,8 +250,9 @@ def build_policy(name: str, config: DrivingBenchConfig, train_plans: np.ndarray,
         half_range = (np.asarray(high[:2]) - np.asarray(low[:2])) / 2
         anchors = kmeans_anchors(train_plans, k=AnchoredDiffusionConfig.n_anchors, seed=_training_seed(config, seed),
                                  position_scale=half_range if config.anchor_space == "normalised" else None)
-        return AnchoredDiffusionPolicy(AnchoredDiffusionConfig(**shared, heading=config.anchor_heading),
-                                       anchors=anchors)
+        anchored = AnchoredDiffusionConfig(**shared, heading=config.anchor_heading,
+                                           waypoint_map_features=config.anchor_waypoint_features)
+        return AnchoredDiffusionPolicy(anchored, anchors=anchors)
     if name == "vanilla":
         return VanillaDiffusionPolicy(VanillaDiffusionConfig(**shared, denoiser_width=config.d_model))
     if name == "vanilla-unet":

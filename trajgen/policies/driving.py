@@ -178,6 +178,11 @@ class AnchoredDiffusionConfig(DrivingPolicyConfig):
     stage refines by an offset, as x and y (trajgen's first version: its decoder learned to pass the start noise
     through to the heading, about 0.05 rad per pose)"""
 
+    waypoint_map_features: bool = True
+    """each decoder stage also reads, for every waypoint of every plan, its offset from the nearest lane centre-line
+    point and that lane's direction (see :func:`waypoint_lane_features`): the vector-map counterpart of DiffusionDrive's
+    BEV features sampled at each plan's points, which its decoder has and global attention to lane tokens lacks"""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.heading not in ANCHOR_HEADINGS:
@@ -192,7 +197,8 @@ class AnchoredDiffusionConfig(DrivingPolicyConfig):
         if self.point_embedding_dim < 2 or self.point_embedding_dim % 2:
             raise ValueError(f"point_embedding_dim must be even and >= 2, got {self.point_embedding_dim}")
 
-    predated_values: ClassVar[dict[str, Any]] = {"heading": "diffused"}  # every anchored policy did, before the field
+    # every anchored policy saved before these fields worked this way
+    predated_values: ClassVar[dict[str, Any]] = {"heading": "diffused", "waypoint_map_features": False}
 
     @property
     def diffused_dims(self) -> int:
@@ -562,18 +568,23 @@ def _sine_frequencies(dim: int, device: torch.device, dtype: torch.dtype) -> Ten
 
 
 class AnchorQueryEncoder(nn.Module):
-    """Plans [B, K, H, C] (metres, radians; C = ``coordinates``) -> one query per plan [B, K, D]: sine features of
-    every pose coordinate, flattened, then Linear-ReLU-LN-Linear."""
+    """Plans [B, K, H, C] (metres, radians; C = ``coordinates``) and ``waypoint_features`` extra features per pose
+    -> one query per plan [B, K, D]: sine features of every pose coordinate, with the extra ones, flattened, then
+    Linear-ReLU-LN-Linear."""
 
-    def __init__(self, horizon: int, embedding_dim: int, width: int, coordinates: int = POSE_DIM) -> None:
+    def __init__(self, horizon: int, embedding_dim: int, width: int, coordinates: int = POSE_DIM,
+                 waypoint_features: int = 0) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
-        self.net = nn.Sequential(nn.Linear(horizon * coordinates * embedding_dim, width), nn.ReLU(),
-                                 nn.LayerNorm(width), nn.Linear(width, width))
+        self.net = nn.Sequential(nn.Linear(horizon * (coordinates * embedding_dim + waypoint_features), width),
+                                 nn.ReLU(), nn.LayerNorm(width), nn.Linear(width, width))
 
-    def forward(self, plans: Tensor) -> Tensor:
-        """[B, K, H, C] -> [B, K, D]."""
-        return self.net(sine_embedding(plans, self.embedding_dim).flatten(-3))
+    def forward(self, plans: Tensor, features: Tensor | None = None) -> Tensor:
+        """plans [B, K, H, C], features [B, K, H, F] or None (F = ``waypoint_features``) -> [B, K, D]."""
+        embedded = sine_embedding(plans, self.embedding_dim).flatten(-2)
+        if features is not None:
+            embedded = torch.cat([embedded, features], dim=-1)
+        return self.net(embedded.flatten(-2))
 
 
 class DecoderStage(nn.Module):
@@ -629,23 +640,76 @@ class DecoderStage(nn.Module):
 @dataclass
 class SceneContext:
     """Encoded scene split for the decoder: agent tokens [B, N, D] and map (ego + lane) tokens [B, 1 + M, D],
-    each with a key mask (True = valid)."""
+    each with a key mask (True = valid); with ``lanes``, the lane centre-line points for waypoint features."""
 
     agents: Tensor
     agents_mask: Tensor
     map: Tensor
     map_mask: Tensor
+    lanes: LanePoints | None = None
 
     @classmethod
-    def split(cls, tokens: Tensor, mask: Tensor, encoder: SceneEncoder) -> SceneContext:
-        agents, lanes = encoder.agent_slice, encoder.lane_slice
-        map_tokens = torch.cat([tokens[:, :1], tokens[:, lanes]], dim=1)
-        map_mask = torch.cat([mask[:, :1], mask[:, lanes]], dim=1)
-        return cls(tokens[:, agents], mask[:, agents], map_tokens, map_mask)
+    def split(cls, tokens: Tensor, mask: Tensor, encoder: SceneEncoder, lanes: LanePoints | None = None
+              ) -> SceneContext:
+        agents, lane_tokens = encoder.agent_slice, encoder.lane_slice
+        map_tokens = torch.cat([tokens[:, :1], tokens[:, lane_tokens]], dim=1)
+        map_mask = torch.cat([mask[:, :1], mask[:, lane_tokens]], dim=1)
+        return cls(tokens[:, agents], mask[:, agents], map_tokens, map_mask, lanes)
 
-    def repeat(self, n: int) -> SceneContext:
-        """Each scene n times in a row: B -> B * n."""
-        return SceneContext(*(x.repeat_interleave(n, dim=0) for x in dataclasses.astuple(self)))
+
+WAYPOINT_FEATURES = 4
+"""per waypoint: (lateral, longitudinal) offset from the nearest lane point in that lane's frame, the lane's direction"""
+WAYPOINT_OFFSET_SCALE = 2.0
+"""metres per unit of the waypoint offsets (a lane is 3.5 m wide: its edges are at +-0.875)"""
+WAYPOINT_MAX_OFFSET = 5.0
+"""offsets are clamped to +-this many units (10 m): farther than that, only the sign matters"""
+
+
+@dataclass
+class LanePoints:
+    """Every lane centre-line point of a batch of observations, flattened (L = M * P), as a nearest-point search needs
+    them: ``points`` [B, L, 2] (metres, ego frame), ``squared_norms`` [B, L] (|point|^2, inf where the point is not
+    valid) and ``frames`` [B, L, 8]: the point, the rows of the rotation into its lane's frame (lateral, along)
+    divided by WAYPOINT_OFFSET_SCALE, and the lane's unit direction; all zero where the point is not valid. A point is
+    valid on a valid lane unless it repeats the lane's end point (there its tangent vanishes)."""
+
+    points: Tensor
+    squared_norms: Tensor
+    frames: Tensor
+
+    @classmethod
+    def from_observation(cls, lanes: Tensor, lanes_mask: Tensor) -> LanePoints:
+        """lanes [B, M, P, 2], lanes_mask [B, M] bool -> the flattened points with central-difference tangents."""
+        tangents = torch.cat([lanes[..., 1:2, :] - lanes[..., :1, :], lanes[..., 2:, :] - lanes[..., :-2, :],
+                              lanes[..., -1:, :] - lanes[..., -2:-1, :]], dim=-2)
+        length = tangents.norm(dim=-1, keepdim=True)
+        valid = ((length[..., 0] > 1e-3) & lanes_mask[..., None]).flatten(1, 2)
+        cos, sin = (tangents / length.clamp_min(1e-3)).flatten(1, 2).unbind(-1)
+        points = lanes.flatten(1, 2)
+        # (lateral, along) = rotation @ offset: lateral = cos * dy - sin * dx (left of the lane), along = cos * dx + sin * dy
+        rotation = torch.stack([-sin, cos, cos, sin], dim=-1) / WAYPOINT_OFFSET_SCALE
+        frames = torch.cat([points, rotation, torch.stack([cos, sin], dim=-1)], dim=-1) * valid[..., None]
+        squared_norms = torch.where(valid, points.square().sum(-1), torch.full_like(points[..., 0], math.inf))
+        return cls(points, squared_norms, frames)
+
+
+def waypoint_lane_features(waypoints: Tensor, lanes: LanePoints) -> Tensor:
+    """Where each waypoint lies relative to the lanes: waypoints [B, K, H, 2] (metres, ego frame) -> [B, K, H, 4].
+
+    Per waypoint: its offset from the nearest valid lane point in that lane's frame (lateral: left of the lane
+    positive; longitudinal: along it), in units of WAYPOINT_OFFSET_SCALE metres clamped to +-WAYPOINT_MAX_OFFSET, then
+    the lane's unit direction (ego frame). A scene without a valid lane point gives zeros.
+    """
+    batch, modes, horizon, _ = waypoints.shape
+    flat = waypoints.reshape(batch, modes * horizon, 2)
+    # argmin over points of |w - q|^2 = |w|^2 + (|q|^2 - 2 w.q), and |w|^2 is the same for every q
+    distance = torch.baddbmm(lanes.squared_norms[:, None, :], flat, lanes.points.transpose(1, 2), alpha=-2.0)
+    nearest = distance.argmin(dim=-1)[..., None].expand(-1, -1, lanes.frames.shape[-1])
+    frame = torch.gather(lanes.frames, 1, nearest)  # [B, K * H, 8]; zeros when the scene has no valid point
+    offset = flat - frame[..., :2]
+    offsets = (frame[..., 2:6].unflatten(-1, (2, 2)) @ offset[..., None])[..., 0]
+    features = torch.cat([offsets.clamp(-WAYPOINT_MAX_OFFSET, WAYPOINT_MAX_OFFSET), frame[..., 6:]], dim=-1)
+    return features.reshape(batch, modes, horizon, WAYPOINT_FEATURES)
 
 
 class CascadeDecoder(nn.Module):
@@ -660,8 +724,10 @@ class CascadeDecoder(nn.Module):
         super().__init__()
         self.normalizer = TrajectoryNormalizer(config.norm_low, config.norm_high)
         self.diffused_dims = config.diffused_dims
+        self.reads_waypoint_features = config.waypoint_map_features
         self.query_encoder = AnchorQueryEncoder(config.horizon, config.point_embedding_dim, config.d_model,
-                                                self.diffused_dims)
+                                                self.diffused_dims,
+                                                WAYPOINT_FEATURES if self.reads_waypoint_features else 0)
         self.time_embedding = TimeEmbedding(config.d_model, activation="mish")
         self.stages = nn.ModuleList(DecoderStage(config, self.normalizer) for _ in range(config.stages))
 
@@ -674,14 +740,25 @@ class CascadeDecoder(nn.Module):
         features: Tensor | None = None
         outputs = []
         last = len(self.stages) - 1
+        if self.reads_waypoint_features and scene.lanes is None:
+            raise ValueError("this decoder reads waypoint map features: build the SceneContext with its lanes")
         for index, stage in enumerate(self.stages):
-            query = self.query_encoder(self.normalizer.denormalize(plans))
+            query = self.stage_query(plans, scene)
             query = query if features is None else query + features
             features, predicted, logits = stage(query, plans, scene, time_emb,
                                                 decide=decide and (every_stage or index == last))
             outputs.append((predicted, logits))
             plans = predicted[..., : self.diffused_dims].detach()
         return outputs
+
+    def stage_query(self, plans: Tensor, scene: SceneContext) -> Tensor:
+        """A stage's query from its input plans [B, K, H, C] (normalised) -> [B, K, D]: the embedding of the plans,
+        with where their waypoints lie relative to the lanes (``waypoint_map_features``)."""
+        metres = self.normalizer.denormalize(plans)
+        if not self.reads_waypoint_features:
+            return self.query_encoder(metres)
+        assert scene.lanes is not None  # checked in forward
+        return self.query_encoder(metres, waypoint_lane_features(metres[..., :2], scene.lanes))
 
 
 def _scaled_linear(steps: int, beta_start: float, beta_end: float) -> VPDiscrete:
@@ -729,7 +806,7 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
         the anchor nearest the expert plan + L1 on that anchor's predicted plan (x, y, heading), summed over
         stages."""
         obs, expert = self._split_batch(batch)
-        scene = SceneContext.split(*self.encoder.encode(obs), self.encoder)
+        scene = self.scene_context(obs)
         batch_size, c = expert.shape[0], self.config
         anchors = self._normalized_anchors(batch_size)
         t = sample_times(self.schedule, batch_size, t_max=c.truncation_steps / c.diffusion_steps, device=self.device)
@@ -753,9 +830,8 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
         the last network call; the plan is the most confident mode.
 
         obs: validated tensors [B, ...] -> plan [B, H, 3], modes [B, K, H, 3], scores [B, K]. No host sync."""
-        tokens, mask = self.encoder.encode(obs)
-        scene = SceneContext.split(tokens, mask, self.encoder)
-        anchors = self._normalized_anchors(tokens.shape[0])
+        scene = self.scene_context(obs)
+        anchors = self._normalized_anchors(scene.agents.shape[0])
         if noise is None:
             noise = torch.randn(anchors.shape, generator=generator, device=anchors.device)
         elif tuple(noise.shape) != tuple(anchors.shape):
@@ -779,6 +855,13 @@ class AnchoredDiffusionPolicy(DrivingPolicy):
         best = scores.argmax(dim=-1)
         plan = torch.take_along_dim(modes, best[:, None, None, None], dim=1)[:, 0]
         return DrivingPlan(plan, modes, scores)
+
+    def scene_context(self, obs: Mapping[str, Tensor]) -> SceneContext:
+        """Validated observation tensors -> the decoder's scene (tokens, and lane points when the decoder reads
+        waypoint map features)."""
+        lanes = (LanePoints.from_observation(obs["lanes"], obs["lanes_mask"])
+                 if self.config.waypoint_map_features else None)
+        return SceneContext.split(*self.encoder.encode(obs), self.encoder, lanes)
 
     def _normalized_anchors(self, batch_size: int) -> Tensor:
         """The anchors' diffused coordinates, normalised, for a batch: [B, K, H, C]."""
