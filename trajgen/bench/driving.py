@@ -113,7 +113,7 @@ class DrivingBenchConfig:
     diffused) or 'diffused' (the heading too, as trajgen's tables before 2026-11-27)."""
     anchor_waypoint_features: bool = True
     """the anchored policy's ``AnchoredDiffusionConfig.waypoint_map_features``: its decoder reads where each
-    waypoint lies relative to the nearest lane (False: as trajgen's tables before 2026-11-28)."""
+    waypoint lies relative to the nearest lane (False: as every table before the README's waypoint-features one)."""
     open_loop_rows: int = 4000
     """held-out logged ticks scored open-loop (all of them if fewer)."""
     diversity_rows: int = 256
