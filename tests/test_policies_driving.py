@@ -710,6 +710,8 @@ def test_the_decoder_reads_where_the_plans_lie_relative_to_the_lanes() -> None:
             query_moved = policy.decoder.stage_query(plans, dataclasses.replace(scene, lanes=moved))
         assert (not torch.allclose(query, query_moved)) if enabled else torch.equal(query, query_moved)
         assert (scene.lanes is not None) == enabled
+    with pytest.raises(ValueError, match="waypoint map features"):
+        small_anchored().decoder(plans, torch.full((2,), 0.009), dataclasses.replace(scene, lanes=None))
 
 
 def test_an_anchored_checkpoint_older_than_waypoint_features_loads_without_them(tmp_path) -> None:

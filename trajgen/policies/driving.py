@@ -714,7 +714,9 @@ def waypoint_lane_features(waypoints: Tensor, lanes: LanePoints) -> Tensor:
 
 class CascadeDecoder(nn.Module):
     """Noisy plans -> per-stage (clean plans, logits). Stage 1 starts from the (clamped) noisy plans; stage s + 1
-    from stage s's prediction of the diffused coordinates (detached, as DiffusionDrive) and its query features.
+    from stage s's prediction of the diffused coordinates (detached, as DiffusionDrive) and its query features. Each
+    stage's query embeds its input plans, with ``waypoint_map_features`` where their waypoints lie relative to the
+    lanes (``scene.lanes`` is then required).
 
     `forward(x_t [B, K, H, C] normalised, t [B], scene) -> list over stages of (plans [B, K, H, 3], logits [B, K])`,
     C = ``config.diffused_dims`` (2: x, y; or 3 with the heading).
