@@ -742,8 +742,6 @@ class CascadeDecoder(nn.Module):
         features: Tensor | None = None
         outputs = []
         last = len(self.stages) - 1
-        if self.reads_waypoint_features and scene.lanes is None:
-            raise ValueError("this decoder reads waypoint map features: build the SceneContext with its lanes")
         for index, stage in enumerate(self.stages):
             query = self.stage_query(plans, scene)
             query = query if features is None else query + features
@@ -759,7 +757,8 @@ class CascadeDecoder(nn.Module):
         metres = self.normalizer.denormalize(plans)
         if not self.reads_waypoint_features:
             return self.query_encoder(metres)
-        assert scene.lanes is not None  # checked in forward
+        if scene.lanes is None:
+            raise ValueError("this decoder reads waypoint map features: build the SceneContext with its lanes")
         return self.query_encoder(metres, waypoint_lane_features(metres[..., :2], scene.lanes))
 
 
