@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from trajgen.bench.driving import DrivingBenchConfig, remeasure_latency, run_driving_benchmark
+from trajgen.bench.driving import DrivingBenchConfig, remeasure_latency, run_driving_benchmark, train_policies
 
 
 def _int_or_none(text: str) -> int | None:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        elif field.name in ("policies", "policy_lr"):
+        elif field.name in ("policies", "policy_lr", "extra_train_data"):
             parser.add_argument(flag, nargs="+", default=list(field.default))
         elif field.name == "training_seeds":
             parser.add_argument(flag, nargs="+", type=int, default=list(field.default))
@@ -41,13 +41,24 @@ def main(argv: list[str] | None = None) -> dict:
                         help="seconds per simulator-throughput run (0 skips it)")
     parser.add_argument("--latency-only", action="store_true",
                         help="re-time the trained policies' batch-1 decisions of an existing run (quiet machine)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train (or resume) every policy and seed, then stop: evaluate later, elsewhere")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="with --train-only: trainings run at once, one process each (e.g. 9 on one GPU)")
     args = vars(parser.parse_args(argv))
     throughput = args.pop("throughput_seconds")
     latency_only = args.pop("latency_only")
+    train_only, jobs = args.pop("train_only"), args.pop("jobs")
     args["policies"] = tuple(args["policies"])
     args["policy_lr"] = tuple(args["policy_lr"])
+    args["extra_train_data"] = tuple(args["extra_train_data"])
     args["training_seeds"] = tuple(args["training_seeds"])
     config = DrivingBenchConfig(**args)
+    if train_only:
+        summaries = train_policies(config, jobs)
+        for run, summary in summaries.items():
+            print(f"{run}: {summary.get('wall_s', 0.0):.0f} s, final loss {summary.get('final_loss', float('nan'))}")
+        return summaries
     if latency_only:
         document = remeasure_latency(config)
     else:

@@ -363,3 +363,68 @@ def test_two_training_seeds_train_separately_and_average(quick_demo: Path, tmp_p
     assert "mean ± standard error over the training seeds" in (out / "results.md").read_text()
     with pytest.raises(ValueError, match="distinct"):
         run_driving_benchmark(dataclasses.replace(config, training_seeds=(1, 1)))
+
+
+def _creeping_plans(obs: dict[str, np.ndarray]) -> np.ndarray:
+    plans = np.zeros((obs["ego"].shape[0], 8, 3), dtype=np.float32)
+    plans[..., 0] = np.linspace(0.0625, 0.5, 8)
+    return plans
+
+
+def test_on_policy_rows_are_added_to_training_and_test_rows_are_refused(quick_demo: Path, tmp_path: Path) -> None:
+    from trajgen.bench.driving import training_samples
+    from trajgen.envs.driving.collect import collect_driving
+
+    config = DrivingBenchConfig.quick(str(quick_demo))
+    path = ensure_data(config)
+    train_seeds, test_seeds = split_seeds(path)
+    extra = tmp_path / "dagger.h5"
+    collect_driving(extra, scenario="merge", n_samples=64, seed=3, quick=True, drivers={"creep": _creeping_plans})
+    base = DrivingSamples(path, seeds=train_seeds)
+    both = training_samples(dataclasses.replace(config, extra_train_data=(str(extra),)), path, train_seeds,
+                            test_seeds)
+    assert len(both) == len(base) + 64
+    np.testing.assert_array_equal(both.arrays["trajectory"][: len(base)], base.arrays["trajectory"])
+    np.testing.assert_array_equal(both.arrays["trajectory"][len(base):], DrivingSamples(extra).arrays["trajectory"])
+    # the benchmark's own data file holds test rows: adding it would train on the held-out split
+    with pytest.raises(ValueError, match="test split or of a test scene seed"):
+        training_samples(dataclasses.replace(config, extra_train_data=(str(path),)), path, train_seeds, test_seeds)
+    with pytest.raises(ValueError, match="extra_train_data: no file"):
+        training_samples(dataclasses.replace(config, extra_train_data=(str(tmp_path / "none.h5"),)), path,
+                         train_seeds, test_seeds)
+
+
+@pytest.mark.timeout(900)
+def test_train_only_in_parallel_processes_then_a_full_run_reuses_the_weights(quick_demo: Path,
+                                                                            tmp_path: Path) -> None:
+    import shutil
+
+    from trajgen.bench.driving import train_policies
+
+    out = tmp_path / "parallel"
+    out.mkdir()
+    shutil.copy(quick_demo / "data.h5", out / "data.h5")
+    config = dataclasses.replace(DrivingBenchConfig.quick(str(out)), policies=("regression",), training_seeds=(0, 1),
+                                 pictures=False)
+    summaries = train_policies(config, jobs=2)
+    assert set(summaries) == {"regression", "regression-seed1"}
+    # each process trained its own seed
+    for run, seed in (("regression", 0), ("regression-seed1", 1)):
+        assert summaries[run]["settings"]["seed"] == seed
+    serial = dataclasses.replace(config, out_dir=str(tmp_path / "serial"))
+    (tmp_path / "serial").mkdir()
+    shutil.copy(quick_demo / "data.h5", tmp_path / "serial" / "data.h5")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two workers on this 2-core machine (cpu_count // jobs)
+    try:
+        train_policies(serial, jobs=1)
+    finally:
+        torch.set_num_threads(threads)
+    for run in summaries:
+        a = RegressionPolicy.load(out / run / "policy.safetensors").state_dict()
+        b = RegressionPolicy.load(tmp_path / "serial" / run / "policy.safetensors").state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), run  # as when trained here
+    document = run_driving_benchmark(config)
+    assert document["policies"]["regression"]["training"] == [summaries["regression"], summaries["regression-seed1"]]
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        train_policies(config, jobs=0)

@@ -90,3 +90,36 @@ def test_bench_driving_passes_the_waypoint_feature_switch(driving_config_seen, t
     result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--no-anchor-waypoint-features"])
     assert result.exit_code == 0, result.output
     assert seen["config"].anchor_waypoint_features is False
+
+
+def test_bench_driving_passes_the_extra_training_data(driving_config_seen, tmp_path):
+    seen = driving_config_seen
+    runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path)])
+    assert seen["config"].extra_train_data == ()
+    result = runner.invoke(app, ["bench", "driving", "--out-dir", str(tmp_path), "--extra-train-data", "a.h5",
+                                 "--extra-train-data", "b.h5"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"].extra_train_data == ("a.h5", "b.h5")
+
+
+def test_collect_driving_lets_saved_policies_drive(monkeypatch, tmp_path):
+    import numpy as np
+
+    from trajgen.envs.driving import collect
+    from trajgen.envs.driving.env import DrivingVectorEnv
+    from trajgen.policies.driving import RegressionConfig, RegressionPolicy
+
+    path = RegressionPolicy(RegressionConfig(d_model=32)).save(tmp_path / "policy.safetensors")
+    seen: dict = {}
+    monkeypatch.setattr(collect, "collect_driving", lambda out, **kwargs: seen.update(kwargs) or {"rows": 0})
+    result = runner.invoke(app, ["collect", "driving", "--out", str(tmp_path / "d.h5"), "--quick",
+                                 "--driver-policy", str(path), "--driver-policy", str(path)])
+    assert result.exit_code == 0, result.output
+    assert seen["perturb"] is None and len(seen["drivers"]) == 2    # None: no noise injection with drivers
+    obs, _ = DrivingVectorEnv(num_envs=3, scenario="merge").reset(seed=0)
+    for driver in seen["drivers"].values():
+        plans = driver(obs)
+        assert plans.shape == (3, 8, 3) and np.isfinite(plans).all()
+    result = runner.invoke(app, ["collect", "driving", "--out", str(tmp_path / "d.h5"), "--driver-policy",
+                                 str(tmp_path / "missing.safetensors")])
+    assert result.exit_code != 0

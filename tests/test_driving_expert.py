@@ -101,6 +101,51 @@ def test_noise_injection_moves_the_ego_off_the_plan_but_not_the_label(tmp_path: 
     assert np.median(gap(noisy)) > 3 * np.median(gap(clean)) + 0.1
 
 
+def _creeping_plans(obs: dict[str, np.ndarray]) -> np.ndarray:
+    """A stand-in learned policy that only creeps: 0.5 m over 4 s, straight ahead."""
+    plans = np.zeros((obs["ego"].shape[0], 8, 3), dtype=np.float32)
+    plans[..., 0] = np.linspace(0.0625, 0.5, 8)
+    return plans
+
+
+def test_on_policy_rows_follow_the_driver_and_keep_the_expert_label(tmp_path: Path) -> None:
+    out = tmp_path / "dagger.h5"
+    stats = collect_driving(out, scenario="merge", n_samples=200, seed=6, quick=True, test_fraction=0.3,
+                            drivers={"creep": _creeping_plans})
+    with h5py.File(out) as f:
+        assert f.attrs["drivers"] == "creep" and f.attrs["perturb"] == 0.0
+        seeds, split = f["seed"][:], f["split"][:]
+        label, actual, ego_speed = f["trajectory"][:], f["future_poses"][:], f["ego_speed"][:]
+    # only train-split scenes are written (the episodes of test seeds are driven, then dropped)
+    assert (split == 0).all() and (split_of_seed(seeds, 0.3) == 0).all()
+    assert stats["merge"]["skipped_test_episodes"] > 0
+    # the ego went where the driver planned (slowing to a creep), while the label is the expert's plan at that state
+    slow = ego_speed < 1.0
+    assert slow.mean() > 0.5
+    assert np.median(np.linalg.norm(actual[slow, -1, :2], axis=-1)) < 1.0
+    assert np.median(np.linalg.norm(label[slow, -1, :2], axis=-1)) > 5.0
+
+
+def test_collection_stops_with_an_error_when_no_episode_can_be_written(tmp_path: Path) -> None:
+    # drivers write train-split scenes only: with (almost) every seed in the test split nothing is ever written
+    message = r"no usable episode in the first 8 \(\d+ ended in a collision or off the road, \d+ had test seeds\)"
+    with pytest.raises(RuntimeError, match=message):
+        collect_driving(tmp_path / "x.h5", scenario="merge", n_samples=10, seed=1, n_envs=2, test_fraction=0.9999,
+                        drivers={"creep": _creeping_plans})
+    assert not list(tmp_path.iterdir())  # no partial file left
+
+
+def test_drivers_share_the_scenes_round_robin_and_must_return_plans() -> None:
+    from trajgen.envs.driving.collect import driven_plans
+
+    obs = {"ego": np.zeros((5, 4))}
+    plans = driven_plans({"a": lambda o: np.full((len(o["ego"]), 8, 3), 1.0),
+                          "b": lambda o: np.full((len(o["ego"]), 8, 3), 2.0)}, obs, 5)
+    np.testing.assert_array_equal(plans[:, 0, 0], [1.0, 2.0, 1.0, 2.0, 1.0])
+    with pytest.raises(ValueError, match="driver 'short' must return plans of shape \\[5, 8, 3\\]"):
+        driven_plans({"short": lambda o: np.zeros((len(o["ego"]), 4, 3))}, obs, 5)
+
+
 def test_perturb_plans_rotates_and_stretches_about_the_ego() -> None:
     from trajgen.envs.driving.collect import perturb_plans
 

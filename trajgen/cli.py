@@ -78,6 +78,9 @@ def bench_driving(
                                                          "only x, y diffused) | diffused (with x, y)"),
     anchor_waypoint_features: bool = typer.Option(
         True, help="the anchored decoder reads where each waypoint lies relative to the nearest lane"),
+    extra_train_data: list[Path] = typer.Option(
+        [], help="on-policy rows (`trajgen collect driving --driver-policy`) added to every policy's training rows "
+                 "(repeat the option)"),
 ) -> None:
     """DiffusionDrive's comparison in trajgen's simulator: anchored truncated diffusion vs vanilla diffusion vs
     regression (PDMS open and closed loop, mode diversity, latency), plus simulator throughput vs highway-env."""
@@ -88,7 +91,8 @@ def bench_driving(
                                 closed_loop_episodes=episodes, open_loop_rows=open_loop_rows, device=device,
                                 seed=seed, training_seeds=tuple(training_seed or ()),
                                 policies=tuple(policy or POLICY_NAMES), anchor_space=anchor_space,
-                                anchor_heading=anchor_heading, anchor_waypoint_features=anchor_waypoint_features)
+                                anchor_heading=anchor_heading, anchor_waypoint_features=anchor_waypoint_features,
+                                extra_train_data=tuple(str(path) for path in extra_train_data))
     _run_driving(config, throughput_seconds=5.0)
 
 
@@ -245,12 +249,24 @@ def collect_driving_command(
     test_fraction: float = typer.Option(0.1, help="share of scene seeds in the test split"),
     n_envs: int = typer.Option(64, help="scenes simulated together"),
     quick: bool = typer.Option(False, "--quick", help="512 rows, 16 scenes: seconds"),
+    perturb: float | None = typer.Option(None, help="probability that a tick's executed plan is perturbed (noise "
+                                         "injection); default 0.3, or 0 with --driver-policy"),
+    driver_policy: list[Path] = typer.Option([], help="a trained policy.safetensors that drives the ego while the "
+                                             "expert labels its states (DAgger; repeat to share the scenes "
+                                             "round-robin); writes train-split rows only"),
 ) -> None:
-    """Rule-based expert demonstrations in the batched driving simulator (train/test split by scene seed)."""
+    """Rule-based expert demonstrations in the batched driving simulator (train/test split by scene seed); with
+    --driver-policy, on-policy rows: learned policies drive, the expert labels (add them to training with the
+    driving benchmark's --extra-train-data)."""
+    from trajgen.agents.driving import DrivingAgent
     from trajgen.envs.driving.collect import collect_driving
+    from trajgen.policies.driving import load_driving_policy
 
+    drivers = {}
+    for index, path in enumerate(driver_policy):
+        drivers[f"{index}:{path}"] = DrivingAgent(load_driving_policy(path), seed=seed).act
     stats = collect_driving(out, scenario=scenario, n_samples=n_samples, seed=seed, test_fraction=test_fraction,
-                            n_envs=n_envs, quick=quick, progress=True)
+                            n_envs=n_envs, quick=quick, progress=True, perturb=perturb, drivers=drivers)
     console.print_json(json.dumps(stats, default=str))
     console.print(f"wrote {out}")
 

@@ -20,6 +20,12 @@ random factor (:func:`perturb_plans`); the label stays the expert's own plan. Th
 slightly-off states a learned policy drifts into, and the data shows how the expert recovers from them
 -- without it, every policy trained here drifted off the road in closed loop within seconds.
 
+On-policy rows (DAgger, Ross et al. 2011): with ``drivers`` (learned policies), scene slot s executes the plans
+of driver s mod D instead of the expert's, and the label stays the expert's plan at the state the driver reached.
+A policy trained on expert rows alone reaches states the expert never visits (in trajgen's intersection, stopped
+at the line while the cross traffic waits for it to go); these rows show what the expert does there. Only
+train-split scene seeds are written, so such a file can be added to any data file's training rows.
+
 Ticks with less than 4 s of episode left, and every tick of an episode that ended in a collision or off the
 road, are dropped. The split is decided by the scene seed alone (:func:`split_of_seed`), so a seed is never in
 both. The file is written to a temporary name and moved into place (``os.replace``) when complete.
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +58,24 @@ PERTURB_HEADING = 0.025
 merge-road episodes fail: 0.04 rad lost 20% of them to collisions or the road edge, 0.025 rad under 2%)."""
 PERTURB_STRETCH = 0.08
 """Standard deviation of the executed plan's relative stretch along its path (speed error)."""
+
+
+Driver = Callable[[dict[str, np.ndarray]], np.ndarray]
+"""A learned policy driving the ego: observations ``{key: [S', ...]}`` -> plans ``[S', 8, 3]`` (ego frame)."""
+
+
+def driven_plans(drivers: Mapping[str, Driver], obs: Mapping[str, np.ndarray], n_scenes: int) -> np.ndarray:
+    """The plans ``[S, 8, 3]`` the drivers execute: scene s is driven by the (s mod D)-th driver."""
+    plans = np.empty((n_scenes, 8, 3), dtype=np.float32)
+    for index, (name, driver) in enumerate(drivers.items()):
+        scenes = np.arange(index, n_scenes, len(drivers))
+        if scenes.size == 0:
+            continue
+        out = np.asarray(driver({k: v[scenes] for k, v in obs.items()}))
+        if out.shape != (scenes.size, 8, 3):
+            raise ValueError(f"driver {name!r} must return plans of shape [{scenes.size}, 8, 3], got {out.shape}")
+        plans[scenes] = out
+    return plans
 
 
 def perturb_plans(plans: np.ndarray, rng: np.random.Generator, probability: float) -> np.ndarray:
@@ -146,7 +170,7 @@ def _finish_episode(log: _EpisodeLog, scenario: int, seed: int, episode: int, ro
 
 def _collect_scenario(writer: _Writer, scenario: str, n_samples: int, seed: int, n_envs: int, test_fraction: float,
                       progress_cb: Callable[[int], None] | None, episode_offset: int,
-                      perturb: float) -> dict[str, float]:
+                      perturb: float, drivers: Mapping[str, Driver]) -> dict[str, float]:
     env = DrivingVectorEnv(num_envs=n_envs, scenario=scenario)
     rng = np.random.default_rng([seed, 99])
     sim = env.sim
@@ -167,24 +191,30 @@ def _collect_scenario(writer: _Writer, scenario: str, n_samples: int, seed: int,
     env.core.on_substep = lambda live: log_state(np.flatnonzero(live))
     obs, _ = env.reset(seed=seed)
     log_state(np.arange(n_envs))
-    written, episodes, failed, buffer = 0, 0, 0, []
+    written, episodes, failed, skipped, buffer = 0, 0, 0, 0, []
     while written < n_samples:
         plans = expert.plan()
         for s in range(n_envs):
             logs[s].ticks.append((int(sim.steps[s]), {k: v[s] for k, v in obs.items()}, plans[s]))
         seeds_before, routes_before = sim.seeds.copy(), sim.route.copy()
-        obs, _, terminated, truncated, info = env.step(perturb_plans(plans, rng, perturb).astype(np.float32))
+        executed = driven_plans(drivers, obs, n_envs) if drivers else plans
+        obs, _, terminated, truncated, info = env.step(perturb_plans(executed, rng, perturb).astype(np.float32))
         done = np.flatnonzero(terminated | truncated)
         for s in done:
             final = info["final_info"]
             ok = not (final["collision"][s] or final["off_road"][s])
             failed += not ok
-            if ok:
+            test_seed = bool(drivers) and split_of_seed(seeds_before[s : s + 1], test_fraction)[0] == 1
+            skipped += int(ok and test_seed)
+            if ok and not test_seed:
                 buffer += _finish_episode(logs[s], scen_id, int(seeds_before[s]), episode_offset + episodes,
                                           routes[routes_before[s]], test_fraction)
             episodes += 1
             logs[s] = _EpisodeLog()
         log_state(done)
+        if episodes >= 4 * n_envs and written + len(buffer) == 0:
+            raise RuntimeError(f"{scenario}: no usable episode in the first {episodes} ({failed} ended in a collision "
+                               f"or off the road, {skipped} had test seeds): check the drivers")
         if len(buffer) >= 1024 or (buffer and written + len(buffer) >= n_samples):
             take = buffer[: n_samples - written]
             writer.append({k: np.stack([r[k] for r in take]) for k in take[0]})
@@ -192,12 +222,13 @@ def _collect_scenario(writer: _Writer, scenario: str, n_samples: int, seed: int,
             buffer = buffer[len(take) :]
             if progress_cb is not None:
                 progress_cb(len(take))
-    return {"episodes": episodes, "failed_episodes": failed, "rows": written}
+    return {"episodes": episodes, "failed_episodes": failed, "skipped_test_episodes": skipped, "rows": written}
 
 
 def collect_driving(out: Path, *, scenario: str = "both", n_samples: int = 50_000, seed: int = 0,
                     test_fraction: float = 0.1, n_envs: int = 64, quick: bool = False,
-                    progress: bool = False, perturb: float = 0.3) -> dict[str, object]:
+                    progress: bool = False, perturb: float | None = None,
+                    drivers: Mapping[str, Driver] | None = None) -> dict[str, object]:
     """Collect expert rows into the HDF5 file ``out`` (see the module docstring); returns a summary dict.
 
     Args:
@@ -209,8 +240,15 @@ def collect_driving(out: Path, *, scenario: str = "both", n_samples: int = 50_00
         n_envs: scenes simulated together.
         quick: a small run for smoke tests (at most 512 rows, 16 scenes).
         progress: show a progress bar.
-        perturb: probability per tick that the executed plan is perturbed (noise injection; 0 = pure expert).
+        perturb: probability per tick that the executed plan is perturbed (noise injection; 0 = pure expert);
+            default 0.3 for the expert, 0 with ``drivers``.
+        drivers: learned policies that drive the ego (named; scene slot s is driven by the (s mod D)-th), the
+            expert only labelling their states (DAgger; see the module docstring). Only train-split seeds are
+            written.
     """
+    drivers = dict(drivers or {})
+    if perturb is None:
+        perturb = 0.0 if drivers else 0.3
     scenarios = list(SCENARIOS) if scenario == "both" else [scenario]
     if any(s not in SCENARIOS for s in scenarios):
         raise ValueError(f"scenario must be one of {SCENARIOS} or 'both', got {scenario!r}")
@@ -220,6 +258,8 @@ def collect_driving(out: Path, *, scenario: str = "both", n_samples: int = 50_00
         raise ValueError(f"perturb must be a probability in [0, 1], got {perturb}")
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must be in [0, 1], got {test_fraction}")
+    if drivers and test_fraction >= 1.0:
+        raise ValueError("drivers write train-split rows only: test_fraction must be below 1")
     if quick:
         n_samples, n_envs = min(n_samples, 512), min(n_envs, 16)
     out = Path(out)
@@ -241,12 +281,13 @@ def collect_driving(out: Path, *, scenario: str = "both", n_samples: int = 50_00
         for j, (name, count) in enumerate(zip(scenarios, per, strict=True)):
             cb = (lambda n: bar.advance(task, n)) if bar is not None else None
             stats[name] = _collect_scenario(writer, name, count, seed * 2 + j, n_envs, test_fraction, cb, offset,
-                                            perturb)
+                                            perturb, drivers)
             offset += int(stats[name]["episodes"])
         f = writer.file
         f.attrs.update({"version": FORMAT_VERSION, "scenario": scenario, "seed": seed, "test_fraction": test_fraction,
-                        "future_frame": "world", "future_dt": 0.1, "perturb": perturb, "pose_dt": 0.5, "n_agents_log":
-                        int(f["future_agents"].shape[2]), "scenarios": ",".join(SCENARIOS)})
+                        "future_frame": "world", "future_dt": 0.1, "perturb": perturb, "pose_dt": 0.5,
+                        "drivers": ",".join(drivers) or "expert", "n_agents_log": int(f["future_agents"].shape[2]),
+                        "scenarios": ",".join(SCENARIOS)})
         f.close()
         os.replace(tmp, out)
     finally:

@@ -19,6 +19,7 @@ One run (:func:`run_driving_benchmark`):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -85,6 +86,10 @@ class DrivingBenchConfig:
     """an existing ``trajgen collect driving`` file; default ``out_dir/data.h5`` (collected when missing)."""
     n_samples: int = 50_000
     """rows to collect when the data file is missing (half per scenario)."""
+    extra_train_data: tuple[str, ...] = ()
+    """files of on-policy rows (``trajgen collect driving --driver-policy``: learned policies drive, the expert
+    labels; DAgger) whose rows are all added to every policy's training rows; refused if a row is not of the train
+    split or shares a scene seed with ``data``'s test split."""
     policies: tuple[str, ...] = POLICY_NAMES
     """which policies to train and evaluate (any of KNOWN_POLICIES; 'vanilla-unet' is the vanilla policy with
     DiffusionDrive's TransfuserDP denoiser, a conditional U-Net, opt-in)."""
@@ -216,6 +221,35 @@ def ensure_data(config: DrivingBenchConfig) -> Path:
     return path
 
 
+def training_samples(config: DrivingBenchConfig, path: Path, train_seeds: np.ndarray,
+                     test_seeds: np.ndarray) -> DrivingSamples:
+    """The training rows: ``path``'s rows of ``train_seeds``, then every row of each ``config.extra_train_data``
+    file. ValueError naming the file when an extra file has a row of the test split or of a test seed."""
+    dataset = DrivingSamples(path, seeds=train_seeds)
+    if not config.extra_train_data:
+        return dataset
+    parts = [dataset.arrays]
+    for extra in config.extra_train_data:
+        with h5py.File(_existing(extra, "extra_train_data"), "r") as f:
+            if "split" not in f or "seed" not in f:
+                raise ValueError(f"extra_train_data: {extra} has no 'split'/'seed' columns; collect it with "
+                                 f"`trajgen collect driving --driver-policy`")
+            split, seeds = f["split"][:], f["seed"][:]
+        leaked = int(np.count_nonzero((split != 0) | np.isin(seeds, test_seeds)))
+        if leaked:
+            raise ValueError(f"extra_train_data: {extra} has {leaked} row(s) of the test split or of a test scene "
+                             f"seed of {path}; only train-split rows may be added")
+        parts.append(DrivingSamples(extra).arrays)
+    keys = set.intersection(*(set(part) for part in parts))
+    return DrivingSamples.from_arrays({k: np.concatenate([part[k] for part in parts]) for k in sorted(keys)})
+
+
+def _existing(path: str, argument: str) -> Path:
+    if not Path(path).is_file():
+        raise ValueError(f"{argument}: no file at {path}")
+    return Path(path)
+
+
 def split_seeds(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(train seeds, test seeds) of a data file, from its per-row ``split`` column."""
     with h5py.File(path, "r") as f:
@@ -287,7 +321,9 @@ def train_policy(name: str, config: DrivingBenchConfig, dataset: DrivingSamples,
     trainer = TrainerConfig(steps=config.train_steps, batch_size=config.batch_size, lr=config.lr_for(name),
                             warmup_steps=config.warmup_steps, out_dir=str(out_dir), seed=seed,
                             device=config.device, progress=config.progress, tensorboard=False,
-                            checkpoint_every=max(1, min(1000, config.train_steps)), log_every=100)
+                            checkpoint_every=max(1, min(1000, config.train_steps)), log_every=100,
+                            amp="off")  # float32 on CUDA too, as on a CPU: bf16's 8-bit mantissa would round the
+    # normalised plans to ~0.4% of their range (decimetres), and these small nets gain no speed from it
     summary_file, policy_file = out_dir / "train_summary.json", out_dir / "policy.safetensors"
     settings = {"train_steps": config.train_steps, "batch_size": config.batch_size, "lr": config.lr_for(name),
                 "d_model": config.d_model, "seed": seed, "rows": len(dataset)}
@@ -308,6 +344,39 @@ def train_policy(name: str, config: DrivingBenchConfig, dataset: DrivingSamples,
                **{k: v for k, v in summary.items() if isinstance(v, int | float | str)}}
     _write_json(summary_file, summary)
     return trained, summary
+
+
+def train_policies(config: DrivingBenchConfig, jobs: int = 1) -> dict[str, dict[str, Any]]:
+    """Train (or resume) every policy x training seed of ``config`` without evaluating them: to train on one
+    machine (a GPU) and evaluate on another with the same settings (a later full run reloads the weights). With
+    ``jobs`` > 1 that many trainings run at once, each in its own process with cpu_count // jobs torch threads.
+
+    Returns {run directory name: training summary}."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    ensure_data(config)
+    runs = [(name, seed) for name in config.policies for seed in config.seeds_for_training]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if jobs == 1:
+        summaries = [_train_one(config, name, seed, None) for name, seed in runs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        quiet = dataclasses.replace(config, progress=False)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            summaries = list(pool.map(_train_one, *zip(*[(quiet, name, seed, threads) for name, seed in runs])))
+    return {run_dir(config, name, seed).name: summary for (name, seed), summary in zip(runs, summaries, strict=True)}
+
+
+def _train_one(config: DrivingBenchConfig, name: str, seed: int, threads: int | None) -> dict[str, Any]:
+    """One :func:`train_policy` call from the data file alone (a worker process of :func:`train_policies`)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    path = data_path(config)
+    train_seeds, test_seeds = split_seeds(path)
+    dataset = training_samples(config, path, train_seeds, test_seeds)
+    return train_policy(name, config, dataset, dataset.arrays["trajectory"], seed)[1]
 
 
 TRAIN_SETTINGS = "train_settings.json"
@@ -545,7 +614,7 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
     stage("collecting expert data")
     path = ensure_data(config)
     train_seeds, test_seeds = split_seeds(path)
-    dataset = DrivingSamples(path, seeds=train_seeds)
+    dataset = training_samples(config, path, train_seeds, test_seeds)
     train_plans = dataset.arrays["trajectory"]
     obs_keys = OBSERVATION_KEYS
     test_rows = read_rows(path, test_seeds, config.open_loop_rows, (*LOG_KEYS, *obs_keys))
@@ -569,7 +638,8 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
     document: dict[str, Any] = {
         "settings": asdict(config),
         "machine": machine_info(),
-        "data": {"file": str(path), "train_rows": len(dataset), "test_rows_scored": len(test_rows["ego"]),
+        "data": {"file": str(path), "extra_train_data": list(config.extra_train_data), "train_rows": len(dataset),
+                 "test_rows_scored": len(test_rows["ego"]),
                  "train_seeds": int(train_seeds.size), "test_seeds": int(test_seeds.size),
                  "closed_loop_scenes_per_scenario": int(scene_seeds.size)},
         "expert_closed_loop": {s: summarise(v, CLOSED_LOOP_KEYS)
