@@ -428,3 +428,22 @@ def test_train_only_in_parallel_processes_then_a_full_run_reuses_the_weights(qui
     assert document["policies"]["regression"]["training"] == [summaries["regression"], summaries["regression-seed1"]]
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         train_policies(config, jobs=0)
+
+
+def test_stall_diagnosis_drives_the_benchmark_scenes_as_the_benchmark_does(quick_demo: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "diagnose_driving_stalls.py"
+    spec = importlib.util.spec_from_file_location("diagnose_driving_stalls", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config = DrivingBenchConfig.quick(str(quick_demo))
+    result = script.main(["--policy", str(quick_demo / "regression" / "policy.safetensors"), "--episodes",
+                          str(config.closed_loop_episodes), "--max-decisions", str(config.max_decisions),
+                          "--out", str(tmp_path / "stalls.json")])
+    assert json.loads((tmp_path / "stalls.json").read_text()) == result
+    # the same scenes, decisions and scores as the benchmark's closed loop of that policy
+    saved = json.loads((quick_demo / "results.json").read_text())["policies"]["regression"]
+    assert result["closed_loop"]["pdms"] == pytest.approx(saved["closed_loop"]["intersection"]["pdms"]["mean"],
+                                                          abs=1e-12)
+    assert result["stalls"]["decisions"] + result["other"]["decisions"] == result["decisions"] > 0
