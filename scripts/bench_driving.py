@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     throughput = args.pop("throughput_seconds")
     latency_only = args.pop("latency_only")
     train_only, jobs = args.pop("train_only"), args.pop("jobs")
+    if jobs != 1 and not train_only:
+        parser.error("--jobs applies to --train-only (evaluation runs in one process)")
     args["policies"] = tuple(args["policies"])
     args["policy_lr"] = tuple(args["policy_lr"])
     args["extra_train_data"] = tuple(args["extra_train_data"])
