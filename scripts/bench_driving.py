@@ -17,6 +17,9 @@ import dataclasses
 
 from trajgen.bench.driving import DrivingBenchConfig, remeasure_latency, run_driving_benchmark, train_policies
 
+LIST_FIELDS = ("policies", "policy_lr", "extra_train_data", "training_seeds")
+"""DrivingBenchConfig fields given as lists: ``--policies anchored regression`` or the flag repeated"""
+
 
 def _int_or_none(text: str) -> int | None:
     """An integer, or 'none' for None (e.g. ``--latency-threads none``: torch's default thread count)."""
@@ -30,10 +33,10 @@ def main(argv: list[str] | None = None) -> dict:
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        elif field.name in ("policies", "policy_lr", "extra_train_data"):
-            parser.add_argument(flag, nargs="+", default=list(field.default))
-        elif field.name == "training_seeds":
-            parser.add_argument(flag, nargs="+", type=int, default=list(field.default))
+        elif field.name in LIST_FIELDS:
+            # extend: a repeated flag adds to the list instead of silently replacing it (None: the field's default)
+            parser.add_argument(flag, nargs="+", action="extend", default=None,
+                                type=int if field.name == "training_seeds" else str)
         else:
             kind = {"int": int, "float": float, "int | None": _int_or_none}.get(str(field.type), str)
             parser.add_argument(flag, type=kind, default=field.default)
@@ -51,10 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_only, jobs = args.pop("train_only"), args.pop("jobs")
     if jobs != 1 and not train_only:
         parser.error("--jobs applies to --train-only (evaluation runs in one process)")
-    args["policies"] = tuple(args["policies"])
-    args["policy_lr"] = tuple(args["policy_lr"])
-    args["extra_train_data"] = tuple(args["extra_train_data"])
-    args["training_seeds"] = tuple(args["training_seeds"])
+    defaults = {field.name: field.default for field in dataclasses.fields(DrivingBenchConfig)}
+    for name in LIST_FIELDS:
+        args[name] = defaults[name] if args[name] is None else tuple(args[name])
     config = DrivingBenchConfig(**args)
     if train_only:
         summaries = train_policies(config, jobs)

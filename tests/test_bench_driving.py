@@ -447,3 +447,22 @@ def test_stall_diagnosis_drives_the_benchmark_scenes_as_the_benchmark_does(quick
     assert result["closed_loop"]["pdms"] == pytest.approx(saved["closed_loop"]["intersection"]["pdms"]["mean"],
                                                           abs=1e-12)
     assert result["stalls"]["decisions"] + result["other"]["decisions"] == result["decisions"] > 0
+
+
+def test_script_list_options_add_up_when_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_driving.py"
+    spec = importlib.util.spec_from_file_location("bench_driving_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen: list[DrivingBenchConfig] = []
+    monkeypatch.setattr(script, "train_policies", lambda config, jobs: seen.append(config) or {})
+    script.main(["--train-only", "--extra-train-data", "a.h5", "--extra-train-data", "b.h5", "c.h5",
+                 "--policies", "anchored", "--policies", "regression", "--training-seeds", "0", "--training-seeds", "2"])
+    assert seen[-1].extra_train_data == ("a.h5", "b.h5", "c.h5")   # a repeated flag used to keep only its last list
+    assert seen[-1].policies == ("anchored", "regression") and seen[-1].seeds_for_training == (0, 2)
+    script.main(["--train-only"])
+    defaults = DrivingBenchConfig()
+    assert (seen[-1].policies, seen[-1].policy_lr, seen[-1].extra_train_data, seen[-1].training_seeds) == \
+        (defaults.policies, defaults.policy_lr, (), ())
