@@ -35,10 +35,10 @@ STOPPED_SPEED = 0.3
 """m/s: under this the ego counts as stopped"""
 
 
-def yielding_to_ego(sim: DrivingSim) -> np.ndarray:
-    """Per scene [S]: how many other vehicles currently yield to the ego (their yield obstacle moves without it)."""
+def yielding_to_ego(sim: DrivingSim, with_ego: np.ndarray) -> np.ndarray:
+    """Per scene [S]: how many other vehicles currently yield to the ego (their yield obstacle moves without it);
+    ``with_ego`` [S, V] is ``sim.traffic.yield_obstacle()`` as it stands."""
     traffic = sim.traffic
-    with_ego = traffic.yield_obstacle()
     ego = [traffic.ego, traffic.shadow]
     saved = traffic.valid[:, ego].copy()
     traffic.valid[:, ego] = False
@@ -63,9 +63,10 @@ def diagnose(policy_file: str, episodes: int, seed: int, max_decisions: int = 10
         def decide(obs: dict[str, np.ndarray], sim: DrivingSim) -> np.ndarray:
             plan = agent.act(obs)
             stopped_for[:] = np.where(obs["ego"][:, 0] < STOPPED_SPEED, stopped_for + 0.5, 0.0)
+            obstacles = sim.traffic.yield_obstacle()
             log.append({"plan_end": plan[:, -1, 0], "expert_end": expert.plan()[:, -1, 0],
-                        "yielded_to": yielding_to_ego(sim) > 0, "stopped_s": stopped_for.copy(),
-                        "ego_must_yield": np.isfinite(sim.traffic.yield_obstacle()[:, sim.traffic.ego])})
+                        "yielded_to": yielding_to_ego(sim, obstacles) > 0, "stopped_s": stopped_for.copy(),
+                        "ego_must_yield": np.isfinite(obstacles[:, sim.traffic.ego])})
             return plan
 
         return decide

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -365,13 +366,20 @@ def test_two_training_seeds_train_separately_and_average(quick_demo: Path, tmp_p
         run_driving_benchmark(dataclasses.replace(config, training_seeds=(1, 1)))
 
 
-def _creeping_plans(obs: dict[str, np.ndarray]) -> np.ndarray:
-    plans = np.zeros((obs["ego"].shape[0], 8, 3), dtype=np.float32)
-    plans[..., 0] = np.linspace(0.0625, 0.5, 8)
-    return plans
+def _load_script(name: str) -> Any:
+    """A module of the repository's scripts/ folder (not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def test_on_policy_rows_are_added_to_training_and_test_rows_are_refused(quick_demo: Path, tmp_path: Path) -> None:
+    from test_driving_expert import _creeping_plans
+
     from trajgen.bench.driving import training_samples
     from trajgen.envs.driving.collect import collect_driving
 
@@ -431,12 +439,7 @@ def test_train_only_in_parallel_processes_then_a_full_run_reuses_the_weights(qui
 
 
 def test_stall_diagnosis_drives_the_benchmark_scenes_as_the_benchmark_does(quick_demo: Path, tmp_path: Path) -> None:
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "diagnose_driving_stalls.py"
-    spec = importlib.util.spec_from_file_location("diagnose_driving_stalls", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _load_script("diagnose_driving_stalls")
     config = DrivingBenchConfig.quick(str(quick_demo))
     result = script.main(["--policy", str(quick_demo / "regression" / "policy.safetensors"), "--episodes",
                           str(config.closed_loop_episodes), "--max-decisions", str(config.max_decisions),
@@ -450,12 +453,7 @@ def test_stall_diagnosis_drives_the_benchmark_scenes_as_the_benchmark_does(quick
 
 
 def test_script_list_options_add_up_when_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_driving.py"
-    spec = importlib.util.spec_from_file_location("bench_driving_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _load_script("bench_driving")
     seen: list[DrivingBenchConfig] = []
     monkeypatch.setattr(script, "train_policies", lambda config, jobs: seen.append(config) or {})
     script.main(["--train-only", "--extra-train-data", "a.h5", "--extra-train-data", "b.h5", "c.h5",
