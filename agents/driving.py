@@ -30,10 +30,12 @@ from trajgen.envs.driving.geometry import poses_from_ego_frame, poses_to_ego_fra
 from trajgen.envs.driving.open_loop import EGO_SHAPE
 from trajgen.envs.driving.scoring import episode_scores
 from trajgen.envs.driving.sim import DT, DrivingSim, make_map
-from trajgen.envs.driving.tracking import N_POSES, POSE_DT
+from trajgen.envs.driving.tracking import N_POSES, POSE_DT, headings_from_path
 from trajgen.policies.driving import DrivingPolicy
 
 FloatArray = NDArray[np.float64]
+PLAN_HEADINGS = ("policy", "path")
+""":class:`DrivingAgent`'s ``plan_heading`` choices"""
 Decider = Callable[[dict[str, np.ndarray], DrivingSim], np.ndarray]
 """``decide(obs, sim) -> plans [S, 8, 3]``: one decision for every scene of a vector env."""
 
@@ -59,12 +61,20 @@ class DrivingAgent:
             most confident mode at every decision, as DiffusionDrive does. Default None: on the driving benchmark's
             held-out closed loop (64 + 64 scenes) margins 0.1 and 0.2 did not raise PDMS (paired differences
             -0.03 and 0.00, s.e. 0.035): the anchored policy's failures are not yield/go flip-flops.
+        plan_heading: 'policy' executes the poses as the policy gave them; 'path' replaces each heading by the
+            direction of the plan's path there (:func:`~trajgen.envs.driving.tracking.headings_from_path`), for the
+            plan and every mode. The tracker steers past the last pose along its heading, so a policy whose
+            regressed headings are noisier than its waypoints drives the path it planned.
     """
 
-    def __init__(self, policy: DrivingPolicy, seed: int = 0, mode_persistence: float | None = None) -> None:
+    def __init__(self, policy: DrivingPolicy, seed: int = 0, mode_persistence: float | None = None,
+                 plan_heading: str = "policy") -> None:
         if not isinstance(policy, DrivingPolicy):
             raise TypeError(f"policy must be a DrivingPolicy, got {type(policy).__name__}")
+        if plan_heading not in PLAN_HEADINGS:
+            raise ValueError(f"plan_heading must be one of {PLAN_HEADINGS}, got {plan_heading!r}")
         self.policy = policy.eval()
+        self.plan_heading = plan_heading
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
         self.mode_persistence = None if mode_persistence is None else ModePersistence(mode_persistence).margin
 
@@ -75,7 +85,14 @@ class DrivingAgent:
         def numpy(t: torch.Tensor | None) -> np.ndarray | None:
             return None if t is None else t.detach().cpu().numpy()
 
-        return PlanArrays(numpy(out.trajectory), numpy(out.modes), numpy(out.scores))
+        return PlanArrays(self.executed(numpy(out.trajectory)), self.executed(numpy(out.modes)), numpy(out.scores))
+
+    def executed(self, plans: np.ndarray | None) -> np.ndarray | None:
+        """Plans ``[..., 8, 3]`` as this agent executes them (``plan_heading``), in their dtype; None stays None."""
+        if plans is None or self.plan_heading == "policy":
+            return plans
+        flat = plans.reshape(-1, N_POSES, 3)
+        return headings_from_path(flat).astype(plans.dtype).reshape(plans.shape)
 
     def act(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """Env actions: plans ``[B, 8, 3]`` float32 (``[8, 3]`` for an unbatched observation); memoryless."""

@@ -24,6 +24,8 @@ from trajgen.bench.driving import (
     held_out_scene_seeds,
     interleaved_decision_latencies,
     mean_se,
+    plan_batched,
+    read_rows,
     remeasure_latency,
     run_driving_benchmark,
     split_seeds,
@@ -31,9 +33,17 @@ from trajgen.bench.driving import (
 )
 from trajgen.bench.driving_speed import trajgen_throughput
 from trajgen.envs.driving.collect import split_of_seed
+from trajgen.envs.driving.open_loop import LOG_KEYS, open_loop_scores
 from trajgen.envs.driving.sim import COMMANDS, SCENARIOS, DrivingSim
+from trajgen.envs.driving.tracking import headings_from_path
 from trajgen.policies.anchors import kmeans_anchors, trajectory_bounds
-from trajgen.policies.driving import AnchoredDiffusionPolicy, DrivingSamples, RegressionPolicy
+from trajgen.policies.driving import (
+    OBSERVATION_KEYS,
+    AnchoredDiffusionPolicy,
+    DrivingPolicy,
+    DrivingSamples,
+    RegressionPolicy,
+)
 
 
 def test_pooled_mean_and_se_equal_those_of_the_concatenation() -> None:
@@ -68,7 +78,14 @@ def test_targets_compare_the_right_numbers() -> None:
     assert t["latency_ratio_vanilla_over_anchored"]["met"]
     assert t["anchored_more_diverse"]["met"]
     assert t["anchored_pdms_gt_regression_open_loop"]["met"]
+    assert "anchored_pdms_gt_regression_open_loop_policy_headings" not in t
     assert not any("unet" in name for name in t)
+    for name, own in (("anchored", 0.87), ("regression", 0.89)):
+        results[name]["open_loop_policy_headings"] = {"all": {"pdms": {"mean": own}}}
+    own_headings = check_targets(results)["anchored_pdms_gt_regression_open_loop_policy_headings"]
+    assert own_headings == {"anchored": 0.87, "regression": 0.89, "met": False}
+    for name in ("anchored", "regression"):
+        del results[name]["open_loop_policy_headings"]
 
     results["vanilla-unet"] = _result(0.95, 0.6, 70.0, 0.6)
     t = check_targets(results)
@@ -199,6 +216,26 @@ def test_quick_pipeline_end_to_end(quick_demo: Path) -> None:
     assert saved["simulator_throughput"]["runs"]
     for picture in saved["pictures"].values():
         assert Path(picture).stat().st_size > 1000
+
+
+def test_open_loop_scores_the_executed_path_headings_and_reports_the_policys_own(quick_demo: Path) -> None:
+    """The table's open loop tracks the plans with their path headings; the policies' own headings are scored too.
+    Recomputed here for the (deterministic) regression from its weights and the held-out rows."""
+    config = DrivingBenchConfig.quick(str(quick_demo))
+    assert config.plan_heading == "path"
+    saved = json.loads((quick_demo / "results.json").read_text())["policies"]
+    path = ensure_data(config)
+    _, test_seeds = split_seeds(path)
+    rows = read_rows(path, test_seeds, config.open_loop_rows, (*LOG_KEYS, *OBSERVATION_KEYS))
+    policy = DrivingPolicy.load(quick_demo / "regression" / "policy.safetensors")
+    plans, _, _ = plan_batched(policy, {k: rows[k] for k in OBSERVATION_KEYS})
+    executed = open_loop_scores(headings_from_path(plans), rows)["pdms"].mean()
+    own = open_loop_scores(plans, rows)["pdms"].mean()
+    result = saved["regression"]
+    assert result["open_loop"]["all"]["pdms"]["mean"] == pytest.approx(executed, abs=1e-12)
+    assert result["open_loop_policy_headings"]["all"]["pdms"]["mean"] == pytest.approx(own, abs=1e-12)
+    assert all("open_loop_policy_headings" in r for r in saved.values())
+    assert "Open loop with each policy's own headings" in (quick_demo / "results.md").read_text()
 
 
 def test_rerun_reloads_instead_of_training(quick_demo: Path) -> None:

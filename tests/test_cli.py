@@ -70,6 +70,7 @@ def test_bench_driving_passes_the_policies(driving_config_seen, tmp_path):
 @pytest.mark.parametrize(("option", "field", "default", "other", "bad"), [
     ("--anchor-space", "anchor_space", "metres", "normalised", "meters"),
     ("--anchor-heading", "anchor_heading", "predicted", "diffused", "noisy"),
+    ("--plan-heading", "plan_heading", "path", "policy", "tangent"),
 ])
 def test_bench_driving_passes_the_anchor_options(driving_config_seen, tmp_path, option: str, field: str,
                                                  default: str, other: str, bad: str):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from trajgen.agents.driving import (
+    DrivingAgent,
     closed_loop_scores,
     expert_decider,
     rollout,
@@ -18,6 +22,7 @@ from trajgen.agents.driving import (
 from trajgen.envs.driving.collect import collect_driving
 from trajgen.envs.driving.env import DrivingEnv
 from trajgen.envs.driving.open_loop import LOG_KEYS, logged_agents, open_loop_scores, track_plans
+from trajgen.policies.driving import DrivingPlan, DrivingPolicy, DrivingPolicyConfig
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +124,32 @@ def test_realtime_loop_counts_missed_deadlines_and_keeps_driving() -> None:
 def test_realtime_rate_must_match_the_env() -> None:
     with pytest.raises(ValueError, match="replanning period"):
         run_realtime(lambda obs: np.zeros((8, 3)), DrivingEnv(), decisions=1, rate_hz=10.0)
+
+
+class ArcPolicy(DrivingPolicy):
+    """Plans along a 30 m circle at 10 m/s (two modes: the arc and its mirror) with headings 0.2 rad off."""
+
+    algorithm = "arc-test"
+
+    def __init__(self) -> None:
+        super().__init__(DrivingPolicyConfig(d_model=16, heads=2, encoder_layers=1))
+
+    def _plan(self, obs: Mapping[str, Any], generator: torch.Generator | None, **kwargs: Any) -> DrivingPlan:
+        batch = obs["ego"].shape[0]
+        angle = 10.0 * 0.5 * np.arange(1, 9) / 30.0
+        arc = np.stack([30.0 * np.sin(angle), 30.0 * (1 - np.cos(angle)), angle + 0.2], axis=-1)
+        modes = torch.as_tensor(np.stack([arc, arc * [1.0, -1.0, -1.0]]), dtype=torch.float32).expand(batch, -1, -1, -1)
+        return DrivingPlan(modes[:, 0], modes, torch.tensor([0.7, 0.3]).expand(batch, -1))
+
+
+def test_agent_executes_its_plans_path_headings() -> None:
+    obs = DrivingEnv("merge").reset(seed=5)[0]
+    as_given = DrivingAgent(ArcPolicy()).plan(obs)
+    along_path = DrivingAgent(ArcPolicy(), plan_heading="path").plan(obs)
+    np.testing.assert_array_equal(along_path.modes[..., :2], as_given.modes[..., :2])
+    np.testing.assert_allclose(as_given.trajectory[0, :7, 2] - 0.2, along_path.trajectory[0, :7, 2], atol=1e-6)
+    np.testing.assert_allclose(along_path.modes[0, 1, :7, 2], -along_path.modes[0, 0, :7, 2], atol=1e-6)
+    assert along_path.trajectory.dtype == as_given.trajectory.dtype == np.float32
+    np.testing.assert_array_equal(along_path.scores, as_given.scores)
+    with pytest.raises(ValueError, match="plan_heading must be one of"):
+        DrivingAgent(ArcPolicy(), plan_heading="tangent")

@@ -10,7 +10,7 @@ import pytest
 from trajgen.envs.driving.geometry import boxes_overlap
 from trajgen.envs.driving.maps import four_way_intersection, merge_road
 from trajgen.envs.driving.sim import EGO_FRONT, DrivingSim
-from trajgen.envs.driving.tracking import PlanTracker, plan_infeasible
+from trajgen.envs.driving.tracking import PlanTracker, headings_from_path, plan_infeasible
 from trajgen.envs.driving.traffic import Traffic, arrival_time, hash_uniform
 from trajgen.envs.driving.vehicles import BicycleLimits, KinematicBicycle, idm_acceleration, idm_equilibrium_gap
 
@@ -254,6 +254,47 @@ def test_tracking_continues_a_stopping_plan_along_its_final_heading() -> None:
     expected = math.atan(lim.wheelbase * 2 * target[1] / (target @ target))
     assert steer[0] == pytest.approx(expected, rel=1e-9)
     assert abs(steer[0]) < 0.02  # along the last segment the point would sit 1.8 m to the left: a 60 deg steer
+
+
+def arc_plan(speed: float, radius: float, rotation: float = 0.0) -> np.ndarray:
+    """An ego-frame plan [8, 3] along a circle of ``radius`` through the origin (tangent rotated by ``rotation``),
+    with its exact headings."""
+    angle = speed * 0.5 * np.arange(1, 9) / radius
+    x, y = radius * np.sin(angle), radius * (1 - np.cos(angle))
+    c, s = math.cos(rotation), math.sin(rotation)
+    return np.stack([c * x - s * y, s * x + c * y, angle + rotation], axis=-1)
+
+
+def test_headings_from_path_are_the_tangents_of_an_arc() -> None:
+    """On a circle the chord from pose i - 1 to pose i + 1 is parallel to the tangent at pose i (equal spacing,
+    the ego at the origin counting as pose -1); the last pose gets its last segment's direction, the tangent half
+    a step back."""
+    for speed, radius, rotation in [(10.0, 30.0, 0.0), (6.0, -15.0, 0.4), (12.0, 400.0, -1.0)]:
+        plan = arc_plan(speed, radius, rotation)
+        noisy = plan + np.array([0.0, 0.0, 0.3]) * np.sin(np.arange(8))[:, None]  # wrong headings, same path
+        derived = headings_from_path(noisy[None])[0]
+        np.testing.assert_allclose(derived[:, :2], plan[:, :2])
+        np.testing.assert_allclose(derived[:7, 2], plan[:7, 2], atol=1e-9)
+        half_step_back = plan[7, 2] - speed * 0.25 / radius
+        assert derived[7, 2] == pytest.approx(half_step_back, abs=1e-9)
+
+
+def test_headings_from_path_keep_the_plans_heading_where_it_stops() -> None:
+    """Chords under 0.5 m (a plan stopping 1.1 m ahead) keep the plan's headings; a rotated plan's derived
+    headings rotate with it (equivariance)."""
+    x = np.array([0.45, 0.75, 0.93, 1.02, 1.06, 1.075, 1.08, 1.085])
+    plan = np.stack([x, np.array([0, 0, 0, 0, 0, 0, 0, 0.02]), np.full(8, 0.05)], axis=-1)
+    derived = headings_from_path(plan[None])[0]
+    # chords: 0.75 m (origin to pose 1), then 0.48 m and shorter; the 5 mm last segment points 76 deg away
+    np.testing.assert_array_equal(derived[:, 2], [0.0, *[0.05] * 7])
+    turning = arc_plan(9.0, 20.0)
+    rotated = arc_plan(9.0, 20.0, rotation=0.7)
+    np.testing.assert_allclose(headings_from_path(rotated[None])[0, :, 2],
+                               headings_from_path(turning[None])[0, :, 2] + 0.7, atol=1e-9)
+    with pytest.raises(ValueError, match="action must be a plan of shape"):
+        headings_from_path(plan)
+    with pytest.raises(ValueError, match="NaN"):
+        headings_from_path(np.full((1, 8, 3), np.nan))
 
 
 def test_infeasible_plans_are_flagged() -> None:

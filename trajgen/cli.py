@@ -81,6 +81,8 @@ def bench_driving(
     extra_train_data: list[Path] = typer.Option(
         [], help="on-policy rows (`trajgen collect driving --driver-policy`) added to every policy's training rows "
                  "(repeat the option)"),
+    plan_heading: str = typer.Option("path", help="headings the plans are executed with, for every policy: path "
+                                                  "(the direction of each plan's own path) | policy (as regressed)"),
 ) -> None:
     """DiffusionDrive's comparison in trajgen's simulator: anchored truncated diffusion vs vanilla diffusion vs
     regression (PDMS open and closed loop, mode diversity, latency), plus simulator throughput vs highway-env."""
@@ -92,7 +94,8 @@ def bench_driving(
                                 seed=seed, training_seeds=tuple(training_seed or ()),
                                 policies=tuple(policy or POLICY_NAMES), anchor_space=anchor_space,
                                 anchor_heading=anchor_heading, anchor_waypoint_features=anchor_waypoint_features,
-                                extra_train_data=tuple(str(path) for path in extra_train_data))
+                                extra_train_data=tuple(str(path) for path in extra_train_data),
+                                plan_heading=plan_heading)
     _run_driving(config, throughput_seconds=5.0)
 
 

@@ -45,6 +45,33 @@ def check_plan(plan: np.ndarray, n_scenes: int) -> FloatArray:
     return arr
 
 
+PATH_HEADING_MIN_CHORD = 0.5
+"""m: the shortest chord whose direction :func:`headings_from_path` trusts (1 m/s over the 1 s between the poses
+around it); over a shorter one, centimetres of lateral jitter would turn the direction by degrees"""
+
+
+def headings_from_path(plan: np.ndarray, min_chord: float = PATH_HEADING_MIN_CHORD) -> FloatArray:
+    """The plan with each pose's heading replaced by the direction its (x, y) path takes there, ``[S, 8, 3]``.
+
+    The ego's kinematic bicycle moves along its rear axle's heading, so a feasible plan's headings are the tangents
+    of its path (the rule expert's plans match them to 0.004 rad on average). The tangent at pose i is the direction
+    of the chord from pose i - 1 to pose i + 1 (the ego at the origin before the first pose; the last pose uses its
+    last segment). Where that chord is shorter than ``min_chord`` metres (the plan stops) the plan's own heading is
+    kept.
+
+    Args:
+        plan: ``[S, 8, 3]`` ego-frame poses (x, y, heading), as :func:`check_plan` accepts them.
+        min_chord: shortest chord, m, whose direction replaces a heading.
+    """
+    arr = check_plan(plan, len(plan) if np.ndim(plan) == 3 else 1)
+    points = np.concatenate([np.zeros_like(arr[:, :1, :2]), arr[..., :2]], axis=1)  # [S, 9, 2], the ego first
+    chord = np.concatenate([points[:, 2:], points[:, -1:]], axis=1) - points[:, :-1]  # [S, 8, 2]
+    long_enough = np.hypot(chord[..., 0], chord[..., 1]) >= min_chord
+    out = arr.copy()
+    out[..., 2] = np.where(long_enough, np.arctan2(chord[..., 1], chord[..., 0]), arr[..., 2])
+    return out
+
+
 def plan_infeasible(plan: FloatArray, speed: FloatArray, limits: BicycleLimits) -> BoolArray:
     """Whether a plan needs more than the bicycle can do, ``[S]`` bool (reported, then tracked anyway).
 
