@@ -63,8 +63,9 @@ class DrivingAgent:
             -0.03 and 0.00, s.e. 0.035): the anchored policy's failures are not yield/go flip-flops.
         plan_heading: 'policy' executes the poses as the policy gave them; 'path' replaces each heading by the
             direction of the plan's path there (:func:`~trajgen.envs.driving.tracking.headings_from_path`), for the
-            plan and every mode. The tracker steers past the last pose along its heading, so a policy whose
-            regressed headings are noisier than its waypoints drives the path it planned.
+            plan and every mode. The tracker steers along the final pose's heading once it passes the last pose
+            (4-s open-loop tracking; slow plans in closed loop), so a policy whose regressed headings are noisier
+            than its waypoints then keeps to the path it planned.
     """
 
     def __init__(self, policy: DrivingPolicy, seed: int = 0, mode_persistence: float | None = None,
