@@ -21,6 +21,7 @@ from trajgen.bench.driving import (
     check_targets,
     combine_seeds,
     ensure_data,
+    evaluate_driving_policy,
     held_out_scene_seeds,
     interleaved_decision_latencies,
     mean_se,
@@ -236,6 +237,31 @@ def test_open_loop_scores_the_executed_path_headings_and_reports_the_policys_own
     assert result["open_loop_policy_headings"]["all"]["pdms"]["mean"] == pytest.approx(own, abs=1e-12)
     assert all("open_loop_policy_headings" in r for r in saved.values())
     assert "Open loop with each policy's own headings" in (quick_demo / "results.md").read_text()
+
+
+def test_eval_driving_scores_a_policy_as_the_benchmark_does(quick_demo: Path, tmp_path: Path) -> None:
+    """``trajgen eval driving`` on the benchmark's regression with the benchmark's settings gives its numbers."""
+    config = DrivingBenchConfig.quick(str(quick_demo))
+    saved = json.loads((quick_demo / "results.json").read_text())["policies"]["regression"]
+    policy_file = quick_demo / "regression" / "policy.safetensors"
+    result = evaluate_driving_policy(DrivingPolicy.load(policy_file), episodes=config.closed_loop_episodes,
+                                     seed=config.seed, data=ensure_data(config), open_loop_rows=config.open_loop_rows,
+                                     diversity_rows=config.diversity_rows, max_decisions=config.max_decisions)
+    for key in ("open_loop", "open_loop_policy_headings", "closed_loop", "closed_loop_by_command"):
+        # as JSON text: a single-episode command has a NaN standard error, and NaN != NaN
+        assert json.dumps(result[key], sort_keys=True) == json.dumps(saved[key], sort_keys=True), key
+    out = tmp_path / "eval.json"
+    cli = subprocess.run([sys.executable, "-m", "trajgen.cli", "eval", "driving", "--policy", str(policy_file),
+                          "--episodes", "2", "--out", str(out)], check=False, capture_output=True, text=True,
+                         timeout=600)
+    assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
+    written = json.loads(out.read_text())
+    assert "open_loop" not in written and written["closed_loop"]["all"]["pdms"]["n"] == 2 * len(SCENARIOS)
+    assert "PDMS" in cli.stdout and "intersection" in cli.stdout
+    with pytest.raises(ValueError, match="data: no file"):
+        evaluate_driving_policy(DrivingPolicy.load(policy_file), episodes=1, data=tmp_path / "missing.h5")
+    with pytest.raises(ValueError, match="plan_heading"):
+        evaluate_driving_policy(DrivingPolicy.load(policy_file), episodes=1, plan_heading="tangent")
 
 
 def test_rerun_reloads_instead_of_training(quick_demo: Path) -> None:

@@ -225,6 +225,49 @@ def eval_offline_command(
     console.print_json(json.dumps(result, default=str))
 
 
+@eval_app.command("driving")
+def eval_driving_command(
+    policy: Path = typer.Option(..., help="a trained driving policy.safetensors (any of the three algorithms)"),
+    episodes: int = typer.Option(64, help="held-out scenes per scenario, driven closed loop in one batch"),
+    data: Path | None = typer.Option(None, help="a `trajgen collect driving` file: also score its test rows open "
+                                                "loop (NAVSIM's protocol) and the mode diversity"),
+    open_loop_rows: int = typer.Option(4000, help="test rows scored open loop (with --data)"),
+    plan_heading: str = typer.Option("path", help="path (each pose's heading from the plan's own path, as the "
+                                                  "benchmark) | policy (as the policy regressed it)"),
+    seed: int = typer.Option(0, help="picks the held-out scenes and seeds the sampling noise"),
+    device: str | None = typer.Option(None, help="cpu | cuda (default: cuda when available)"),
+    out: Path | None = typer.Option(None, help="write the result as JSON to this file"),
+) -> None:
+    """PDM scores of one trained driving policy, as the driving benchmark computes them: closed loop on held-out
+    scenes (EP against the rule expert on the same scenes) and, with --data, open loop on the file's test rows."""
+    import torch
+
+    from trajgen.bench.driving import evaluate_driving_policy
+    from trajgen.policies.driving import load_driving_policy
+
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loaded = load_driving_policy(policy, map_location=target)
+    result = evaluate_driving_policy(loaded, episodes=episodes, seed=seed, plan_heading=plan_heading, data=data,
+                                     open_loop_rows=open_loop_rows)
+    console.print(f"{policy}: {result['algorithm']}, {result['nfe']} network call(s) per decision")
+    console.print(f"{'loop':6} {'scenes':12} {'PDMS':>13} {'NC':>6} {'DAC':>6} {'TTC':>6} {'EP':>6} {'C':>6} "
+                  f"{'collisions':>10}", soft_wrap=True)
+    rows = [("closed", scenario, scores) for scenario, scores in result["closed_loop"].items()]
+    rows += [("open", scenario, scores) for scenario, scores in result.get("open_loop", {}).items()]
+    for loop, scenario, scores in rows:
+        collisions = f"{scores['collision']['mean']:.3f}" if "collision" in scores else "-"
+        cells = " ".join(f"{scores[k]['mean']:6.3f}" for k in ("nc", "dac", "ttc", "ep", "c"))
+        console.print(f"{loop:6} {scenario:12} {scores['pdms']['mean']:.3f} ± {scores['pdms']['se']:.3f} {cells} "
+                      f"{collisions:>10}", soft_wrap=True)
+    if result.get("mode_diversity"):
+        console.print(f"mode diversity {result['mode_diversity']['mean']:.3f}")
+    if out:
+        from trajgen.training.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(out, json.dumps(result, indent=2, default=str).encode())
+        console.print(f"wrote {out}")
+
+
 @collect_app.command("mujoco")
 def collect_mujoco_command(
     env: str = typer.Option(..., help="hopper | halfcheetah | walker2d"),

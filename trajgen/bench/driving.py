@@ -713,43 +713,94 @@ def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows
     """Open-loop and closed-loop PDM scores, diversity, latency (unless not ``timed``: the weights do not change
     a decision's cost, so only one training seed per policy is timed) and size of one trained policy."""
     agent = DrivingAgent(policy, seed=config.seed, plan_heading=config.plan_heading)
-    plans, _, _ = plan_batched(policy, test_obs, seed=config.seed)
+    return {
+        "algorithm": policy.algorithm,
+        "nfe": policy.nfe,
+        "parameters": count_parameters(policy),
+        **open_loop_results(agent, test_rows, config.diversity_rows, config.seed),
+        **closed_loop_results(agent, scene_seeds, references, config.max_decisions),
+        **(batch1_latencies(policy, test_obs, config.latency_repeats, threads=config.latency_threads)
+           if timed else {}),
+    }
+
+
+def open_loop_results(agent: DrivingAgent, test_rows: Mapping[str, np.ndarray], diversity_rows: int, seed: int
+                      ) -> dict[str, Any]:
+    """The agent's plans on logged rows (OBSERVATION_KEYS and LOG_KEYS, [R, ...]) scored open loop as it executes
+    them ("open_loop": all rows and per scenario), with its policy's own headings too when it executes path headings
+    ("open_loop_policy_headings"), and the mode diversity of the first ``diversity_rows`` rows (None for a policy
+    without modes). Sampling noise is seeded with ``seed``."""
+    policy = agent.policy
+    test_obs = {k: test_rows[k] for k in OBSERVATION_KEYS}
+    plans, _, _ = plan_batched(policy, test_obs, seed=seed)
     executed = agent.executed(plans)
     open_scores = {**open_loop_scores(executed, test_rows), **plan_errors(executed, test_rows["trajectory"])}
-    own_headings = ({} if config.plan_heading == "policy" else {"open_loop_policy_headings": {"all": summarise(
-        {**open_loop_scores(plans, test_rows), **plan_errors(plans, test_rows["trajectory"])}, OPEN_LOOP_KEYS)}})
-    by_scenario = {}
+    result: dict[str, Any] = {"open_loop": {"all": summarise(open_scores, OPEN_LOOP_KEYS)}}
     for index, scenario in enumerate(SCENARIOS):
         sel = np.asarray(test_rows["scenario"]) == index
         if sel.any():
-            by_scenario[scenario] = summarise({k: v[sel] for k, v in open_scores.items()}, OPEN_LOOP_KEYS)
-    div_obs = {k: v[: config.diversity_rows] for k, v in test_obs.items()}
-    _, modes, _ = plan_batched(policy, div_obs, modes=True, seed=config.seed)
-    diversity = mean_se(mode_diversity(modes)) if modes is not None else None
+            result["open_loop"][scenario] = summarise({k: v[sel] for k, v in open_scores.items()}, OPEN_LOOP_KEYS)
+    if agent.plan_heading != "policy":
+        own = {**open_loop_scores(plans, test_rows), **plan_errors(plans, test_rows["trajectory"])}
+        result["open_loop_policy_headings"] = {"all": summarise(own, OPEN_LOOP_KEYS)}
+    div_obs = {k: v[:diversity_rows] for k, v in test_obs.items()}
+    _, modes, _ = plan_batched(policy, div_obs, modes=True, seed=seed)
+    result["mode_diversity"] = mean_se(mode_diversity(modes)) if modes is not None else None
+    return result
+
+
+def closed_loop_results(agent: DrivingAgent, scene_seeds: np.ndarray, references: Mapping[str, Rollout],
+                        max_decisions: int) -> dict[str, Any]:
+    """Whole episodes of the agent on ``scene_seeds`` in every scenario, scored against the expert's ``references``
+    (its rollouts on the same seeds): "closed_loop" per scenario and pooled ("all"), "closed_loop_by_command", and
+    the batched decision time per scene ("closed_loop_batched_ms_per_decision")."""
     closed: dict[str, Any] = {}
     by_command: dict[str, dict[str, Any]] = {}
     decide_s, decisions = 0.0, 0
     for scenario in SCENARIOS:
-        run = rollout(lambda sim: agent.decider(), scenario, scene_seeds, max_decisions=config.max_decisions)
+        run = rollout(lambda sim: agent.decider(), scenario, scene_seeds, max_decisions=max_decisions)
         scores = closed_loop_scores(run, references[scenario])
         closed[scenario] = summarise(scores, CLOSED_LOOP_KEYS)
         by_command[scenario] = {COMMANDS[c]: summarise({k: v[run.commands == c] for k, v in scores.items()},
                                                        CLOSED_LOOP_KEYS) for c in np.unique(run.commands)}
         decide_s, decisions = decide_s + run.decide_s, decisions + run.decisions
     closed["all"] = {k: _pool([closed[s][k] for s in SCENARIOS]) for k in closed[SCENARIOS[0]]}
-    return {
-        "algorithm": policy.algorithm,
-        "nfe": policy.nfe,
-        "parameters": count_parameters(policy),
-        "open_loop": {"all": summarise(open_scores, OPEN_LOOP_KEYS), **by_scenario},
-        **own_headings,
-        "closed_loop": closed,
-        "closed_loop_by_command": by_command,
-        "mode_diversity": diversity,
-        **(batch1_latencies(policy, test_obs, config.latency_repeats, threads=config.latency_threads)
-           if timed else {}),
-        "closed_loop_batched_ms_per_decision": 1e3 * decide_s / max(decisions, 1),
-    }
+    return {"closed_loop": closed, "closed_loop_by_command": by_command,
+            "closed_loop_batched_ms_per_decision": 1e3 * decide_s / max(decisions, 1)}
+
+
+def evaluate_driving_policy(policy: DrivingPolicy, *, episodes: int = 64, seed: int = 0, plan_heading: str = "path",
+                            data: str | os.PathLike[str] | None = None, open_loop_rows: int = 4000,
+                            diversity_rows: int = 256, max_decisions: int = 1000) -> dict[str, Any]:
+    """One trained policy scored as the benchmark scores it (``trajgen eval driving``): closed loop on ``episodes``
+    held-out scenes per scenario (:func:`held_out_scene_seeds` of ``seed``, EP against the rule expert on the same
+    scenes), and with a ``trajgen collect driving`` file ``data`` also open loop on up to ``open_loop_rows`` of its
+    test rows and the mode diversity. Returns the benchmark's per-policy entries plus "expert_closed_loop" and
+    "settings"."""
+    if plan_heading not in PLAN_HEADINGS:
+        raise ValueError(f"plan_heading must be one of {PLAN_HEADINGS}, got {plan_heading!r}")
+    if episodes < 1 or open_loop_rows < 1 or diversity_rows < 1:
+        raise ValueError(f"episodes, open_loop_rows and diversity_rows must be >= 1, got {episodes}, "
+                         f"{open_loop_rows}, {diversity_rows}")
+    agent = DrivingAgent(policy, seed=seed, plan_heading=plan_heading)
+    result: dict[str, Any] = {"algorithm": policy.algorithm, "nfe": policy.nfe,
+                              "parameters": count_parameters(policy)}
+    if data is not None:
+        path = Path(data)
+        if not path.is_file():
+            raise ValueError(f"data: no file at {path}")
+        _, test_seeds = split_seeds(path)
+        test_rows = read_rows(path, test_seeds, open_loop_rows, (*LOG_KEYS, *OBSERVATION_KEYS))
+        result.update(open_loop_results(agent, test_rows, diversity_rows, seed))
+    scene_seeds = held_out_scene_seeds(episodes, seed)
+    references = {s: rollout(expert_decider, s, scene_seeds, max_decisions=max_decisions) for s in SCENARIOS}
+    result.update(closed_loop_results(agent, scene_seeds, references, max_decisions))
+    result["expert_closed_loop"] = {s: summarise(closed_loop_scores(references[s], references[s]), CLOSED_LOOP_KEYS)
+                                    for s in SCENARIOS}
+    result["settings"] = {"episodes": episodes, "seed": seed, "plan_heading": plan_heading,
+                          "data": None if data is None else str(data), "open_loop_rows": open_loop_rows,
+                          "diversity_rows": diversity_rows, "max_decisions": max_decisions}
+    return result
 
 
 SEED_AVERAGED = ("open_loop", "open_loop_policy_headings", "closed_loop", "closed_loop_by_command", "mode_diversity")
