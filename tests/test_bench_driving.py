@@ -527,3 +527,25 @@ def test_script_list_options_add_up_when_repeated(monkeypatch: pytest.MonkeyPatc
     defaults = DrivingBenchConfig()
     assert (seen[-1].policies, seen[-1].policy_lr, seen[-1].extra_train_data, seen[-1].training_seeds) == \
         (defaults.policies, defaults.policy_lr, (), ())
+
+
+def test_latency_variant_script_builds_the_variants_it_names(tmp_path: Path) -> None:
+    """scripts/latency_driving_variants.py: variants differ from the base only in the named fields, every policy is
+    timed in each run, and a malformed variant is refused naming it."""
+    from trajgen.envs.driving.env import DrivingVectorEnv
+
+    script = _load_script("latency_driving_variants")
+    obs, _ = DrivingVectorEnv(num_envs=2, scenario="merge").reset(seed=3)
+    np.savez(tmp_path / "obs.npz", **{k: np.asarray(obs[k]) for k in OBSERVATION_KEYS})
+    result = script.main(["--latency-obs", str(tmp_path / "obs.npz"), "--repeats", "2", "--runs", "1",
+                          "--variant", "k4:n_anchors=4,mlp_ratio=2", "--out", str(tmp_path / "v.json")])
+    assert set(result["runs"][0]) == {"anchored", "anchored/k4", "vanilla"}
+    assert result["variants"] == {"k4": {"n_anchors": 4, "mlp_ratio": 2}}
+    assert json.loads((tmp_path / "v.json").read_text())["ratios"][0].keys() == {"anchored", "anchored/k4"}
+    base = build_policy("anchored", DrivingBenchConfig(), script.synthetic_plans())
+    variant = script.build_variants(base, {"k4": {"n_anchors": 4}})["anchored/k4"]
+    assert [k for k, _, _ in variant.config.differences(base.config)] == ["n_anchors"]
+    torch.testing.assert_close(variant.anchors, base.anchors[:4])
+    for bad in ("k4", "k4:anchors=4", ":n_anchors=4"):
+        with pytest.raises(ValueError, match="variant"):
+            script.parse_variant(bad)
