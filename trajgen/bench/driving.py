@@ -640,8 +640,7 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
     write_latency_observations(path, out / LATENCY_OBS_FILE)  # lets --latency-only run without the data file
     scene_seeds = held_out_scene_seeds(config.closed_loop_episodes, config.seed)
     stage("driving the expert on the held-out scenes")
-    references = {s: rollout(expert_decider, s, scene_seeds, max_decisions=config.max_decisions) for s in SCENARIOS}
-    expert_closed = {s: closed_loop_scores(references[s], references[s]) for s in SCENARIOS}
+    references, expert_closed = expert_references(scene_seeds, config.max_decisions)
     results: dict[str, Any] = {}
     for name in config.policies:
         per_seed = []
@@ -660,8 +659,7 @@ def run_driving_benchmark(config: DrivingBenchConfig, status: Callable[[str], No
                  "test_rows_scored": len(test_rows["ego"]),
                  "train_seeds": int(train_seeds.size), "test_seeds": int(test_seeds.size),
                  "closed_loop_scenes_per_scenario": int(scene_seeds.size)},
-        "expert_closed_loop": {s: summarise(v, CLOSED_LOOP_KEYS)
-                               for s, v in expert_closed.items()},
+        "expert_closed_loop": expert_closed,
         "policies": results,
         "targets": check_targets(results),
         "timings_s": timings,
@@ -733,20 +731,30 @@ def open_loop_results(agent: DrivingAgent, test_rows: Mapping[str, np.ndarray], 
     policy = agent.policy
     test_obs = {k: test_rows[k] for k in OBSERVATION_KEYS}
     plans, _, _ = plan_batched(policy, test_obs, seed=seed)
-    executed = agent.executed(plans)
-    open_scores = {**open_loop_scores(executed, test_rows), **plan_errors(executed, test_rows["trajectory"])}
+
+    def scored(some_plans: np.ndarray) -> dict[str, np.ndarray]:
+        return {**open_loop_scores(some_plans, test_rows), **plan_errors(some_plans, test_rows["trajectory"])}
+
+    open_scores = scored(agent.executed(plans))
     result: dict[str, Any] = {"open_loop": {"all": summarise(open_scores, OPEN_LOOP_KEYS)}}
     for index, scenario in enumerate(SCENARIOS):
         sel = np.asarray(test_rows["scenario"]) == index
         if sel.any():
             result["open_loop"][scenario] = summarise({k: v[sel] for k, v in open_scores.items()}, OPEN_LOOP_KEYS)
     if agent.plan_heading != "policy":
-        own = {**open_loop_scores(plans, test_rows), **plan_errors(plans, test_rows["trajectory"])}
-        result["open_loop_policy_headings"] = {"all": summarise(own, OPEN_LOOP_KEYS)}
+        result["open_loop_policy_headings"] = {"all": summarise(scored(plans), OPEN_LOOP_KEYS)}
     div_obs = {k: v[:diversity_rows] for k, v in test_obs.items()}
     _, modes, _ = plan_batched(policy, div_obs, modes=True, seed=seed)
     result["mode_diversity"] = mean_se(mode_diversity(modes)) if modes is not None else None
     return result
+
+
+def expert_references(scene_seeds: np.ndarray, max_decisions: int
+                      ) -> tuple[dict[str, Rollout], dict[str, dict[str, Any]]]:
+    """The rule expert driving ``scene_seeds`` in every scenario: its rollouts (EP's reference for any policy on
+    those scenes) and its own closed-loop summary per scenario."""
+    references = {s: rollout(expert_decider, s, scene_seeds, max_decisions=max_decisions) for s in SCENARIOS}
+    return references, {s: summarise(closed_loop_scores(r, r), CLOSED_LOOP_KEYS) for s, r in references.items()}
 
 
 def closed_loop_results(agent: DrivingAgent, scene_seeds: np.ndarray, references: Mapping[str, Rollout],
@@ -777,8 +785,6 @@ def evaluate_driving_policy(policy: DrivingPolicy, *, episodes: int = 64, seed: 
     scenes), and with a ``trajgen collect driving`` file ``data`` also open loop on up to ``open_loop_rows`` of its
     test rows and the mode diversity. Returns the benchmark's per-policy entries plus "expert_closed_loop" and
     "settings"."""
-    if plan_heading not in PLAN_HEADINGS:
-        raise ValueError(f"plan_heading must be one of {PLAN_HEADINGS}, got {plan_heading!r}")
     if episodes < 1 or open_loop_rows < 1 or diversity_rows < 1:
         raise ValueError(f"episodes, open_loop_rows and diversity_rows must be >= 1, got {episodes}, "
                          f"{open_loop_rows}, {diversity_rows}")
@@ -793,10 +799,8 @@ def evaluate_driving_policy(policy: DrivingPolicy, *, episodes: int = 64, seed: 
         test_rows = read_rows(path, test_seeds, open_loop_rows, (*LOG_KEYS, *OBSERVATION_KEYS))
         result.update(open_loop_results(agent, test_rows, diversity_rows, seed))
     scene_seeds = held_out_scene_seeds(episodes, seed)
-    references = {s: rollout(expert_decider, s, scene_seeds, max_decisions=max_decisions) for s in SCENARIOS}
+    references, result["expert_closed_loop"] = expert_references(scene_seeds, max_decisions)
     result.update(closed_loop_results(agent, scene_seeds, references, max_decisions))
-    result["expert_closed_loop"] = {s: summarise(closed_loop_scores(references[s], references[s]), CLOSED_LOOP_KEYS)
-                                    for s in SCENARIOS}
     result["settings"] = {"episodes": episodes, "seed": seed, "plan_heading": plan_heading,
                           "data": None if data is None else str(data), "open_loop_rows": open_loop_rows,
                           "diversity_rows": diversity_rows, "max_decisions": max_decisions}
