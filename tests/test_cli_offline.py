@@ -26,6 +26,10 @@ def test_collect_train_eval_quick(tmp_path: Path) -> None:
              "--policy-dir", str(tmp_path / "behaviour"), cwd=tmp_path)
     dataset = load_d4rl(data)
     assert dataset.observations.shape == (600, 11)
+    early = tmp_path / "hopper-early-replay.hdf5"                  # any return: the first trained snapshot (150)
+    _trajgen("collect", "mujoco", "--env", "hopper", "--level", "medium-replay", "--quick", "--out", str(early),
+             "--medium-return", "-1e9", "--policy-dir", str(tmp_path / "behaviour"), cwd=tmp_path)
+    assert len(load_d4rl(early)) == 150 and load_d4rl(early).metadata["medium_target_return"] == -1e9
     run = tmp_path / "td"
     _trajgen("train", "offline", "--algo", "behavior-cloning", "--dataset", str(data), "--out-dir", str(run),
              "--steps", "20", "--set", "batch_size=16", "--set", "hidden_dim=32", "--device", "cpu", cwd=tmp_path)

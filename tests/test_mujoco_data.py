@@ -27,8 +27,10 @@ from trajgen.envs.mujoco import (
     normalized_score,
     read_replay,
     reference_returns,
+    select_early_stopped_medium,
     select_medium,
     train_behaviour,
+    train_until_medium,
     write_references,
 )
 from trajgen.envs.mujoco.behaviour import actor_from_sb3, episode_seeds
@@ -94,6 +96,48 @@ def test_select_medium_is_closest_to_a_third_of_expert() -> None:
     assert select_medium(tie).step == 1                            # step 0 excluded, tie -> earlier
     with pytest.raises(ValueError, match="no trained snapshots"):
         select_medium([Snapshot(0, 1.0, 1.0, "")])
+
+
+def test_select_early_stopped_medium_looks_only_up_to_the_first_crossing() -> None:
+    snaps = [Snapshot(s, r, 0.0, "") for s, r in [(0, 50.0), (10, 20.0), (20, 29.0), (30, 45.0), (40, 31.0)]]
+    assert select_early_stopped_medium(snaps, 30.0).step == 20      # |29 - 30| < |45 - 30|; 40 comes after
+    assert select_early_stopped_medium(snaps, 40.0).step == 30      # the crossing itself
+    assert select_early_stopped_medium(snaps, 46.0) is None         # step 0's 50 is not a trained snapshot
+    assert select_early_stopped_medium(snaps, -1.0).step == 10      # the first trained snapshot already reaches it
+
+
+def test_early_stopped_medium_replay_equals_the_finished_runs_rows(quick_run, tmp_path) -> None:
+    """Stopping at the first checkpoint whose snapshots reach the target gives the same medium snapshot and replay
+    rows as choosing it afterwards in the finished run (the runs are identical up to there), and no expert."""
+    first_stretch = [s for s in quick_run.snapshots if 0 < s.step <= QUICK.checkpoint_every]
+    target = max(s.return_stochastic for s in first_stretch)
+    expected = select_early_stopped_medium(quick_run.snapshots, target)
+    run_dir = tmp_path / "early"
+    early = train_until_medium(QUICK, run_dir, target)
+    assert not early.finished and early.medium_step == expected.step
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{QUICK.checkpoint_every:09d}"
+    assert not (run_dir / "behaviour.json").exists()
+    with pytest.raises(ValueError, match="stopped early.*finished run"):
+        _ = early.expert
+    out = collect_mujoco("hopper", "medium-replay", tmp_path / "mr.hdf5", policy_dir=run_dir, quick=True,
+                         medium_return=target)
+    replay = load_d4rl(out, env="Hopper-v5")
+    source = read_replay(quick_run.run_dir, expected.step)
+    assert len(replay) == expected.step
+    np.testing.assert_array_equal(replay.actions, source["actions"].astype(np.float32))
+    assert replay.metadata["medium_target_return"] == pytest.approx(target)
+    assert list(replay.metadata["behaviour_steps"]) == [expected.step]
+    # a finished run is used as it is; a target it never reached is an error, and so is an expert level
+    assert train_until_medium(QUICK, quick_run.run_dir, target).medium_step == expected.step
+    best = max(s.return_stochastic for s in quick_run.snapshots)
+    with pytest.raises(ValueError, match="no snapshot of the finished run reached target_return"):
+        train_until_medium(QUICK, quick_run.run_dir, best + 1.0)
+    with pytest.raises(FileNotFoundError, match="no snapshot up to step 0"):
+        train_until_medium(QUICK, tmp_path / "empty", target, train_missing=False)
+    with pytest.raises(ValueError, match="medium_return applies to the levels medium and medium-replay"):
+        collect_mujoco("hopper", "medium-expert", tmp_path / "x.hdf5", policy_dir=run_dir, medium_return=target)
+    with pytest.raises(ValueError, match="medium_return must be a return or 'reference', got 'high'"):
+        collect_mujoco("hopper", "medium", tmp_path / "x.hdf5", policy_dir=run_dir, medium_return="high")
 
 
 def test_behaviour_resume_after_kill_equals_uninterrupted(quick_run, tmp_path, monkeypatch) -> None:

@@ -277,12 +277,15 @@ def collect_mujoco_command(
     seed: int = typer.Option(0),
     policy_dir: Path | None = typer.Option(None, help="behaviour run (default runs/behaviour/<env>)"),
     quick: bool = typer.Option(False, "--quick", help="tiny behaviour policy and file, for tests"),
+    medium_return: str | None = typer.Option(
+        None, help="medium and medium-replay only: stop the behaviour run early, as D4RL did, once a snapshot "
+        "returns this much, and take the medium policy there; 'reference' = 1/3 of trajgen's expert reference"),
 ) -> None:
     """D4RL-format dataset from SAC behaviour policies (trains or resumes them when missing; resumable)."""
     from trajgen.envs.mujoco import collect_mujoco
 
     path = collect_mujoco(env, level, out, n_steps=n_steps, seed=seed, policy_dir=policy_dir, quick=quick,
-                          progress=True)
+                          progress=True, medium_return=medium_return)
     console.print(f"wrote {path}")
 
 

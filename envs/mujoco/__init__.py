@@ -9,8 +9,10 @@ from trajgen.envs.mujoco.behaviour import (
     evaluate_actor,
     load_behaviour,
     read_replay,
+    select_early_stopped_medium,
     select_medium,
     train_behaviour,
+    train_until_medium,
 )
 from trajgen.envs.mujoco.collect import LEVELS, collect_mujoco, default_policy_dir, load_mujoco_dataset, random_actor
 from trajgen.envs.mujoco.envs import ENV_IDS, env_name, make_env, make_vector_env
@@ -46,7 +48,9 @@ __all__ = [
     "random_actor",
     "read_replay",
     "reference_returns",
+    "select_early_stopped_medium",
     "select_medium",
     "train_behaviour",
+    "train_until_medium",
     "write_references",
 ]

@@ -258,10 +258,15 @@ class BehaviourRun:
     medium_step: int
     medium_fraction: float = 1.0 / 3.0
     extra: dict[str, Any] = field(default_factory=dict)
+    finished: bool = True
+    """False for a run stopped early at its medium policy (:func:`train_until_medium`): it has no expert."""
 
     @property
     def expert(self) -> Snapshot:
         """The final snapshot (taken at ``total_steps``)."""
+        if not self.finished:
+            raise ValueError(f"{self.run_dir}: the run was stopped early at step {self.snapshots[-1].step} for its "
+                             "medium policy; the expert needs the finished run (train_behaviour)")
         return self.snapshots[-1]
 
     @property
@@ -292,6 +297,64 @@ def select_medium(snapshots: Sequence[Snapshot], fraction: float = 1.0 / 3.0) ->
         raise ValueError("no trained snapshots (step > 0) to choose the medium policy from")
     target = fraction * snapshots[-1].return_stochastic
     return min(trained, key=lambda s: (abs(s.return_stochastic - target), s.step))
+
+
+def select_early_stopped_medium(snapshots: Sequence[Snapshot], target_return: float) -> Snapshot | None:
+    """D4RL's early stopping: among the trained snapshots up to the first whose stochastic return reaches
+    ``target_return``, the one closest to it (ties go to the earlier); None while no snapshot has reached it."""
+    trained = [s for s in snapshots if s.step > 0]
+    first = next((i for i, s in enumerate(trained) if s.return_stochastic >= target_return), None)
+    if first is None:
+        return None
+    return min(trained[: first + 1], key=lambda s: (abs(s.return_stochastic - target_return), s.step))
+
+
+def train_until_medium(config: SACConfig, run_dir: str | os.PathLike, target_return: float, *,
+                       progress: bool = False, train_missing: bool = True) -> BehaviourRun:
+    """Train (or resume) the run in ``run_dir`` one checkpoint stretch at a time until a snapshot's stochastic
+    return reaches ``target_return``, then stop: D4RL trained its medium policies this way, stopping at about a
+    third of the expert's return (e.g. ``reference_returns(env, "trajgen")[1] / 3``), without training the expert.
+
+    The medium snapshot is :func:`select_early_stopped_medium`'s choice among the snapshots of the newest
+    checkpoint, whose replay rows are on disk, so ``replay(until_step=medium_step)`` works. A finished run is used
+    as it is. The returned run has ``finished=False`` unless the run had finished, and no expert then.
+
+    Raises:
+        ValueError: the run finished (``total_steps``) and no snapshot reached ``target_return``.
+        FileNotFoundError: no snapshot has reached it yet and ``train_missing`` is False.
+    """
+    run_dir = Path(run_dir)
+    _check_or_write_config(config, run_dir)
+    while True:
+        finished = (run_dir / "behaviour.json").is_file()
+        snapshots, step = _trained_so_far(run_dir)
+        medium = select_early_stopped_medium(snapshots, target_return)
+        if medium is not None:
+            info = {"medium_target_return": float(target_return), "stopped_at_step": step}
+            return BehaviourRun(run_dir=run_dir, config=config, snapshots=snapshots, medium_step=medium.step,
+                                extra=info, finished=finished)
+        best = max((s.return_stochastic for s in snapshots), default=float("nan"))
+        if finished:
+            raise ValueError(f"{run_dir}: no snapshot of the finished run reached target_return={target_return} "
+                             f"(best stochastic return {best:.1f})")
+        if not train_missing:
+            raise FileNotFoundError(f"{run_dir}: no snapshot up to step {step} reached target_return="
+                                    f"{target_return} (best {best:.1f}); pass train_missing=True to train on")
+        next_stop = (step // config.checkpoint_every + 1) * config.checkpoint_every
+        train_behaviour(config, run_dir, progress=progress, stop_at=next_stop if next_stop < config.total_steps
+                        else None)
+
+
+def _trained_so_far(run_dir: Path) -> tuple[list[Snapshot], int]:
+    """The snapshots of a finished run, or of an unfinished run's newest checkpoint, and that step (0: none)."""
+    if (run_dir / "behaviour.json").is_file():
+        snapshots = load_behaviour(run_dir).snapshots
+        return snapshots, snapshots[-1].step
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return [], 0
+    state = json.loads((run_dir / "checkpoints" / latest.read_text().strip() / "state.json").read_text())
+    return [Snapshot(**s) for s in state["snapshots"]], int(state["num_timesteps"])
 
 
 def train_behaviour(config: SACConfig, run_dir: str | os.PathLike, *, progress: bool = False,

@@ -3,7 +3,9 @@
 Levels (``LEVELS``):
 
 - ``random``: a randomly initialised SAC actor (D4RL's "randomly initialized policy"), sampled.
-- ``medium``: the behaviour run's medium snapshot (stochastic return closest to 1/3 of the expert's).
+- ``medium``: the behaviour run's medium snapshot (stochastic return closest to 1/3 of the expert's). With
+  ``medium_return``, the run is instead stopped early, as D4RL stopped its medium runs, once a snapshot reaches
+  that return (see ``train_until_medium``): ``medium`` and ``medium-replay`` then need no finished run.
 - ``expert``: the behaviour run's final snapshot.
 - ``medium-replay``: the behaviour run's training transitions up to the medium snapshot (its size is
   set by that step, not by ``n_steps``).
@@ -39,8 +41,10 @@ from trajgen.envs.mujoco.behaviour import (
     _progress_bar,
     episode_seeds,
     train_behaviour,
+    train_until_medium,
 )
 from trajgen.envs.mujoco.envs import ENV_IDS, env_name
+from trajgen.envs.mujoco.references import reference_returns
 
 LEVELS = ("random", "medium", "expert", "medium-replay", "medium-expert", "quick")
 DEFAULT_STEPS = 1_000_000
@@ -58,7 +62,7 @@ def default_policy_dir(env: str, quick: bool = False) -> Path:
 
 def collect_mujoco(env: str, level: str, out: str | os.PathLike, *, n_steps: int | None = None, seed: int = 0,
                    policy_dir: str | os.PathLike | None = None, quick: bool = False, progress: bool = False,
-                   n_envs: int = 8, train_missing: bool = True) -> Path:
+                   n_envs: int = 8, train_missing: bool = True, medium_return: float | str | None = None) -> Path:
     """Collect one D4RL-format dataset and write it to ``out``.
 
     Args:
@@ -73,6 +77,9 @@ def collect_mujoco(env: str, level: str, out: str | os.PathLike, *, n_steps: int
         n_envs: envs stepped side by side (one batched actor call per step).
         train_missing: train (or resume) the behaviour run when ``policy_dir`` has no finished one;
             otherwise that is a FileNotFoundError. Full runs take hours (1M SAC steps).
+        medium_return: stop the behaviour run early at this stochastic return and take the medium policy there
+            (levels ``medium`` and ``medium-replay`` only); ``"reference"`` is a third of trajgen's reference
+            expert return for ``env`` (``reference_returns(env, "trajgen")``). None: the finished run's medium.
 
     Returns:
         ``out`` as a Path. File attributes: ``env`` (Gymnasium id), ``policy``, ``seed``, ``level``,
@@ -99,11 +106,19 @@ def collect_mujoco(env: str, level: str, out: str | os.PathLike, *, n_steps: int
         _partial_path(out, "random").unlink(missing_ok=True)
         return path
 
-    run = _behaviour(config, Path(policy_dir) if policy_dir else default_policy_dir(short, quick), progress,
-                     train_missing)
-    medium, expert = run.medium, run.expert
-    policy_attrs = {"behaviour_run": str(run.run_dir), "medium_return": medium.return_stochastic,
-                    "expert_return": expert.return_stochastic}
+    run_dir = Path(policy_dir) if policy_dir else default_policy_dir(short, quick)
+    if medium_return is None:
+        run = _behaviour(config, run_dir, progress, train_missing)
+        policy_attrs = {"expert_return": run.expert.return_stochastic}
+    else:
+        if level not in ("medium", "medium-replay"):
+            raise ValueError(f"medium_return applies to the levels medium and medium-replay (the others need the "
+                             f"finished run's expert), got level={level!r}")
+        target = _medium_target(short, medium_return)
+        run = train_until_medium(config, run_dir, target, progress=progress, train_missing=train_missing)
+        policy_attrs = {"medium_target_return": target, "behaviour_stopped_at": run.extra["stopped_at_step"]}
+    medium = run.medium
+    policy_attrs.update(behaviour_run=str(run.run_dir), medium_return=medium.return_stochastic)
     if level == "medium-replay":
         data = run.replay(until_step=medium.step)
         data["timeouts"][-1] |= ~data["terminals"][-1]           # the episode running at the cut ends there
@@ -113,7 +128,7 @@ def collect_mujoco(env: str, level: str, out: str | os.PathLike, *, n_steps: int
     parts = {"medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"]}[level]
     datas = [_rollouts(short, run.actor(part), n_steps, seed, part, out, progress, n_envs) for part in parts]
     data = {k: np.concatenate([d[k] for d in datas]) for k in _KEYS}
-    steps = [medium.step if part == "medium" else expert.step for part in parts]
+    steps = [medium.step if part == "medium" else run.expert.step for part in parts]
     path = write_d4rl(out, data, env=ENV_IDS[short], policy=f"sac-{level}", seed=seed, behaviour_steps=steps,
                       **policy_attrs, **attrs)
     for part in parts:
@@ -151,6 +166,19 @@ def random_actor(env: str, seed: int, hidden_sizes: tuple[int, ...] = (256, 256)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TanhGaussianActor(obs_dim, act_dim, hidden_sizes).eval()
+
+
+def _medium_target(env: str, medium_return: float | str) -> float:
+    """``medium_return`` as a return: a number, or ``"reference"`` = a third of trajgen's reference expert."""
+    if medium_return == "reference":
+        return reference_returns(env, "trajgen")[1] / 3.0
+    try:
+        target = float(medium_return)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"medium_return must be a return or 'reference', got {medium_return!r}") from e
+    if not np.isfinite(target):
+        raise ValueError(f"medium_return must be finite, got {medium_return!r}")
+    return target
 
 
 def _behaviour(config: SACConfig, run_dir: Path, progress: bool, train_missing: bool) -> BehaviourRun:
