@@ -101,6 +101,23 @@ def test_inverse_dynamics_recovers_exact_actions(trained_td) -> None:
     assert rmse < 0.1 * exact.std(), f"inverse-dynamics RMSE {rmse:.3f} vs action std {exact.std():.3f}"
 
 
+def test_gpt_loss_ignores_targets_past_the_episode_end() -> None:
+    """The GPT is scored only on next states inside the episode: changing the padded states after the end leaves
+    the loss unchanged, and it equals the MSE over the valid targets alone."""
+    model = tiny("decision-transformer").model
+    torch.manual_seed(1)
+    states, cond = torch.randn(3, TINY["horizon"], S), torch.rand(3, 1)
+    mask = torch.ones(3, TINY["horizon"], dtype=torch.bool)
+    mask[0, 5:], mask[2, 2:] = False, False                     # windows that run past their episode's end
+    padded = states.clone()
+    padded[~mask] = 100.0
+    with torch.no_grad():
+        loss, loss_padded = model._gpt_loss(states, cond, mask), model._gpt_loss(padded, cond, mask)
+        error = (model.gpt(states[:, :-1], cond) - states[:, 1:]).pow(2).mean(-1)
+    assert loss == pytest.approx(loss_padded.item(), rel=1e-6)
+    assert loss == pytest.approx(error[mask[:, 1:]].mean().item(), rel=1e-6)
+
+
 def test_returns_to_go_closed_form(linear_file) -> None:
     ds = load_d4rl(linear_file)
     rtg = returns_to_go(ds, discount=0.5)

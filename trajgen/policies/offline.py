@@ -337,13 +337,21 @@ class OfflineModel(nn.Module):
         cond = batch["returns"] / self.config.return_scale
         parts: dict[str, Tensor] = {"inverse_dynamics": self._inverse_dynamics_loss(states, actions, mask)}
         if hasattr(self, "gpt"):
-            # output i predicts state i + 1; windows past an episode's end repeat its last state (Diffuser)
-            parts["gpt"] = F.mse_loss(self.gpt(states[:, :-1], cond), states[:, 1:])
+            parts["gpt"] = self._gpt_loss(states, cond, mask)
         if hasattr(self, "unet"):
             keep = torch.rand(states.shape[0], device=states.device) >= self.config.cond_drop_prob
             parts["diffusion"] = self.diffusion_loss(self.unet, states, cond=cond, cond_mask=keep).mean()
         total = torch.stack(list(parts.values())).sum()
         return {"loss": total, **{f"loss_{k}": v.detach() for k, v in parts.items()}}
+
+    def _gpt_loss(self, states: Tensor, cond: Tensor, mask: Tensor) -> Tensor:
+        """MSE of the GPT's output i against state i + 1 over targets inside the episode: states [B, H, S], cond
+        [B, 1], mask [B, H]. Past an episode's end a window repeats its last state (Diffuser's padding, which the
+        diffusion model may learn as an absorbing state); as a target it would teach the draft to stand still, so
+        it is masked out, as a Decision Transformer masks its padding."""
+        error = (self.gpt(states[:, :-1], cond) - states[:, 1:]).pow(2).mean(-1)       # [B, H - 1]
+        valid = mask[:, 1:].to(states.dtype)
+        return (error * valid).sum() / valid.sum().clamp_min(1.0)
 
     def _inverse_dynamics_loss(self, states: Tensor, actions: Tensor, mask: Tensor) -> Tensor:
         """MSE of f(s_t, s_{t+1}) against a_t over pairs with both steps inside the episode."""
