@@ -136,6 +136,8 @@ def test_early_stopped_medium_replay_equals_the_finished_runs_rows(quick_run, tm
         train_until_medium(QUICK, tmp_path / "empty", target, train_missing=False)
     with pytest.raises(ValueError, match="medium_return applies to the levels medium and medium-replay"):
         collect_mujoco("hopper", "medium-expert", tmp_path / "x.hdf5", policy_dir=run_dir, medium_return=target)
+    with pytest.raises(ValueError, match="medium_return applies to the levels medium and medium-replay"):
+        collect_mujoco("hopper", "random", tmp_path / "x.hdf5", medium_return=target)
     with pytest.raises(ValueError, match="medium_return must be a return or 'reference', got 'high'"):
         collect_mujoco("hopper", "medium", tmp_path / "x.hdf5", policy_dir=run_dir, medium_return="high")
 

@@ -94,6 +94,9 @@ def collect_mujoco(env: str, level: str, out: str | os.PathLike, *, n_steps: int
         n_steps = QUICK_STEPS if quick else DEFAULT_STEPS
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    if medium_return is not None and level not in ("medium", "medium-replay"):
+        raise ValueError(f"medium_return applies to the levels medium and medium-replay (the others need the "
+                         f"finished run's expert), got level={level!r}")
     out = Path(out)
     config = SACConfig.quick(short) if quick else SACConfig(env=short)
     attrs = {"level": level, "actions": "stochastic", "n_steps": int(n_steps), "quick": bool(quick)}
@@ -111,9 +114,6 @@ def collect_mujoco(env: str, level: str, out: str | os.PathLike, *, n_steps: int
         run = _behaviour(config, run_dir, progress, train_missing)
         policy_attrs = {"expert_return": run.expert.return_stochastic}
     else:
-        if level not in ("medium", "medium-replay"):
-            raise ValueError(f"medium_return applies to the levels medium and medium-replay (the others need the "
-                             f"finished run's expert), got level={level!r}")
         target = _medium_target(short, medium_return)
         run = train_until_medium(config, run_dir, target, progress=progress, train_missing=train_missing)
         policy_attrs = {"medium_target_return": target, "behaviour_stopped_at": run.extra["stopped_at_step"]}
