@@ -326,8 +326,7 @@ def train_until_medium(config: SACConfig, run_dir: str | os.PathLike, target_ret
     run_dir = Path(run_dir)
     _check_or_write_config(config, run_dir)
     while True:
-        finished = (run_dir / "behaviour.json").is_file()
-        snapshots, step = _trained_so_far(run_dir)
+        snapshots, step, finished = _trained_so_far(run_dir)
         medium = select_early_stopped_medium(snapshots, target_return)
         if medium is not None:
             info = {"medium_target_return": float(target_return), "stopped_at_step": step}
@@ -345,16 +344,17 @@ def train_until_medium(config: SACConfig, run_dir: str | os.PathLike, target_ret
                         else None)
 
 
-def _trained_so_far(run_dir: Path) -> tuple[list[Snapshot], int]:
-    """The snapshots of a finished run, or of an unfinished run's newest checkpoint, and that step (0: none)."""
+def _trained_so_far(run_dir: Path) -> tuple[list[Snapshot], int, bool]:
+    """(snapshots, step, finished): a finished run's snapshots, or an unfinished run's up to its newest checkpoint
+    and that step (0: none yet)."""
     if (run_dir / "behaviour.json").is_file():
         snapshots = load_behaviour(run_dir).snapshots
-        return snapshots, snapshots[-1].step
+        return snapshots, snapshots[-1].step, True
     latest = run_dir / "checkpoints" / "latest"
     if not latest.is_file():
-        return [], 0
+        return [], 0, False
     state = json.loads((run_dir / "checkpoints" / latest.read_text().strip() / "state.json").read_text())
-    return [Snapshot(**s) for s in state["snapshots"]], int(state["num_timesteps"])
+    return [Snapshot(**s) for s in state["snapshots"]], int(state["num_timesteps"]), False
 
 
 def train_behaviour(config: SACConfig, run_dir: str | os.PathLike, *, progress: bool = False,

@@ -712,14 +712,17 @@ def evaluate_policy(policy: DrivingPolicy, config: DrivingBenchConfig, test_rows
     a decision's cost, so only one training seed per policy is timed) and size of one trained policy."""
     agent = DrivingAgent(policy, seed=config.seed, plan_heading=config.plan_heading)
     return {
-        "algorithm": policy.algorithm,
-        "nfe": policy.nfe,
-        "parameters": count_parameters(policy),
+        **policy_summary(policy),
         **open_loop_results(agent, test_rows, config.diversity_rows, config.seed),
         **closed_loop_results(agent, scene_seeds, references, config.max_decisions),
         **(batch1_latencies(policy, test_obs, config.latency_repeats, threads=config.latency_threads)
            if timed else {}),
     }
+
+
+def policy_summary(policy: DrivingPolicy) -> dict[str, Any]:
+    """What a result says of the policy itself: its algorithm, network calls per decision and parameter count."""
+    return {"algorithm": policy.algorithm, "nfe": policy.nfe, "parameters": count_parameters(policy)}
 
 
 def open_loop_results(agent: DrivingAgent, test_rows: Mapping[str, np.ndarray], diversity_rows: int, seed: int
@@ -789,8 +792,7 @@ def evaluate_driving_policy(policy: DrivingPolicy, *, episodes: int = 64, seed: 
         raise ValueError(f"episodes, open_loop_rows and diversity_rows must be >= 1, got {episodes}, "
                          f"{open_loop_rows}, {diversity_rows}")
     agent = DrivingAgent(policy, seed=seed, plan_heading=plan_heading)
-    result: dict[str, Any] = {"algorithm": policy.algorithm, "nfe": policy.nfe,
-                              "parameters": count_parameters(policy)}
+    result: dict[str, Any] = policy_summary(policy)
     if data is not None:
         path = Path(data)
         if not path.is_file():

@@ -350,15 +350,19 @@ class OfflineModel(nn.Module):
         diffusion model may learn as an absorbing state); as a target it would teach the draft to stand still, so
         it is masked out, as a Decision Transformer masks its padding."""
         error = (self.gpt(states[:, :-1], cond) - states[:, 1:]).pow(2).mean(-1)       # [B, H - 1]
-        valid = mask[:, 1:].to(states.dtype)
-        return (error * valid).sum() / valid.sum().clamp_min(1.0)
+        return _masked_mean(error, mask[:, 1:])
 
     def _inverse_dynamics_loss(self, states: Tensor, actions: Tensor, mask: Tensor) -> Tensor:
         """MSE of f(s_t, s_{t+1}) against a_t over pairs with both steps inside the episode."""
         pairs = torch.cat([states[:, :-1], states[:, 1:]], dim=-1).flatten(0, 1)      # [B (H-1), 2S]
-        valid = mask[:, 1:].flatten().to(states.dtype)                                  # [B (H-1)]
         error = (self.inverse_dynamics(pairs) - actions[:, :-1].flatten(0, 1)).pow(2).mean(-1)
-        return (error * valid).sum() / valid.sum().clamp_min(1.0)
+        return _masked_mean(error, mask[:, 1:].flatten())                              # [B (H-1)]
+
+
+def _masked_mean(values: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``values`` where ``valid`` (bool, same shape) holds; 0 when nothing is valid."""
+    weights = valid.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 # ----------------------------------------------------------------------------------------------------
